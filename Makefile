@@ -1,0 +1,30 @@
+# seechat developer commands. `make demo` and `make test` create .venv when it is missing.
+# TORCH_SPEC pins the torch/torchvision pair that lies on this machine's disk; elsewhere
+# override it (e.g. `make test TORCH_SPEC=torch`) or leave pip to pick normal wheels.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m seechat.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/easyvqa.py
+
+clean:
+	rm -rf runs .pytest_cache

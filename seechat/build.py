@@ -1,0 +1,31 @@
+"""Assemble a SeeChatVLM from the `model` section of a recipe and the stage's modes."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .llm import hidden_size, load_llm, load_tokenizer
+from .model import SeeChatVLM
+from .modes import apply_modes
+from .registry import build_adapter, build_encoder
+
+
+def assemble(model_cfg: dict[str, Any], modes: dict[str, str]) -> SeeChatVLM:
+    """Build encoder, LLM and adapter without applying modes (the loader injects saved LoRA
+    weights in between)."""
+    cfg = copy.deepcopy(model_cfg)
+    for key in ("encoder", "adapter", "llm"):
+        if not isinstance(cfg.get(key), dict):
+            raise ValueError(f"model.{key} must be a mapping, got {cfg.get(key)!r}")
+    tokenizer = load_tokenizer(cfg["llm"])
+    encoder = build_encoder(cfg["encoder"])
+    llm = load_llm(cfg["llm"], tokenizer, quantize_4bit=modes["llm"] == "qlora")
+    adapter = build_adapter(cfg["adapter"], encoder.hidden_size, hidden_size(llm))
+    return SeeChatVLM(cfg, encoder, adapter, llm, tokenizer)
+
+
+def build_model(model_cfg: dict[str, Any], modes: dict[str, str]) -> SeeChatVLM:
+    """A ready-to-train model: assembled, then frozen / unfrozen / LoRA-wrapped per `modes`."""
+    model = assemble(model_cfg, modes)
+    apply_modes(model, modes)
+    return model

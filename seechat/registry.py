@@ -1,0 +1,45 @@
+"""Explicit name -> builder registries for encoders and adapters, filled here and nowhere else.
+
+Adding a backend or adapter is one file plus one line below (and an adapter card in the
+top-level `adapters/` folder). Unknown names raise an error listing the valid ones.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .adapters import Adapter, MLPAdapter, QFormerAdapter, ResamplerAdapter
+from .encoders import HFVisionEncoder, OpenCLIPVisionEncoder, VisionEncoder
+
+ENCODERS: dict[str, Callable[..., VisionEncoder]] = {
+    "open_clip": OpenCLIPVisionEncoder,
+    "hf": HFVisionEncoder,
+}
+
+ADAPTERS: dict[str, Callable[..., Adapter]] = {
+    "mlp": MLPAdapter,
+    "qformer": QFormerAdapter,
+    "resampler": ResamplerAdapter,
+}
+
+# Keys of a module's config that say how it trains, not what it is.
+TRAINING_KEYS = ("mode", "lr", "lora")
+
+
+def lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _architecture(cfg: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in TRAINING_KEYS + drop}
+
+
+def build_encoder(cfg: dict[str, Any]) -> VisionEncoder:
+    builder = lookup(ENCODERS, "encoder backend", cfg.get("backend", "open_clip"))
+    return builder(**_architecture(cfg, ("backend",)))
+
+
+def build_adapter(cfg: dict[str, Any], in_dim: int, out_dim: int) -> Adapter:
+    builder = lookup(ADAPTERS, "adapter type", cfg.get("type", "mlp"))
+    return builder(in_dim=in_dim, out_dim=out_dim, **_architecture(cfg, ("type",)))

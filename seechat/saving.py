@@ -1,0 +1,113 @@
+"""Save and load seechat models: small directories, no pickle.
+
+A saved model holds `seechat.json` (resolved model config, modes, and what is stored where),
+the tokenizer, safetensors for the parts that were trained, a peft adapter directory for a LoRA
+LLM, and references (Hub name or path) to frozen experts instead of their weights - a 7B LoRA
+run saves megabytes. A module is stored in full when it was trained in full or when there is
+nothing to refer to (random-init towers of tests and tiny demos).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from .build import assemble
+from .model import SeeChatVLM
+from .modes import apply_modes, lora_config
+
+FORMAT = 1
+META = "seechat.json"
+
+
+def _has_reference(cfg: dict[str, Any], module: str) -> bool:
+    if module == "llm":
+        return bool(cfg.get("name_or_path"))
+    return bool(cfg.get("pretrained")) and (cfg.get("backend") == "open_clip" or bool(cfg.get("name")))
+
+
+def _tensors(module, lora: bool) -> dict:
+    return {
+        n: p.detach().contiguous().cpu()
+        for n, p in module.state_dict().items()
+        if ("lora_" in n) == lora
+    }
+
+
+def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
+    """Write the model to `directory` (replaced atomically: written beside it, then renamed)."""
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg, modes = model.config, model.modes
+    stored: dict[str, Any] = {"tokenizer": "tokenizer", "adapter": "adapter.safetensors"}
+    model.tokenizer.save_pretrained(tmp / "tokenizer")
+    save_file(_tensors(model.adapter, lora=False), tmp / "adapter.safetensors")
+
+    tower = model.encoder.tower
+    if modes["encoder"] == "full" or not _has_reference(cfg["encoder"], "encoder"):
+        save_file(_tensors(tower, lora=False), tmp / "encoder.safetensors")
+        stored["encoder"] = "encoder.safetensors"
+        stored["encoder_config"] = model.encoder.offline_config()
+    if modes["encoder"] == "lora":
+        save_file(_tensors(tower, lora=True), tmp / "encoder_lora.safetensors")
+        stored["encoder_lora"] = "encoder_lora.safetensors"
+
+    llm_in_full = modes["llm"] == "full" or not _has_reference(cfg["llm"], "llm")
+    if llm_in_full:
+        model.base_llm.save_pretrained(tmp / "llm")  # (a LoRA wrapper's base, adapter saved apart)
+        stored["llm"] = "llm"
+    if model.llm_is_peft:
+        model.llm.save_pretrained(tmp / "llm_lora")
+        stored["llm_lora"] = "llm_lora"
+    meta = {"format": FORMAT, "model": cfg, "modes": modes, "stored": stored}
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def load(directory: str | os.PathLike, trainable: bool = False) -> SeeChatVLM:
+    """Rebuild a saved model. `trainable=False` (default) freezes everything and sets eval mode."""
+    root = Path(directory)
+    meta_path = root / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{root} is not a saved seechat model: {META} is missing")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this seechat reads {FORMAT}")
+    cfg, modes, stored = copy.deepcopy(meta["model"]), meta["modes"], meta["stored"]
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg["llm"]["tokenizer"] = str(root / stored["tokenizer"])
+    if "llm" in stored:
+        build_cfg["llm"]["name_or_path"] = str(root / stored["llm"])
+    if "encoder" in stored:
+        build_cfg["encoder"] = {**stored["encoder_config"], "mode": cfg["encoder"].get("mode")}
+    model = assemble(build_cfg, modes)
+    model.config = cfg  # keep the original references, not this directory's paths
+
+    model.adapter.load_state_dict(load_file(root / stored["adapter"]))
+    tower = model.encoder.tower
+    if "encoder" in stored:
+        tower.load_state_dict(load_file(root / stored["encoder"]))
+    if "encoder_lora" in stored:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora_config(cfg["encoder"].get("lora"), None), tower)
+        missing, unexpected = tower.load_state_dict(load_file(root / stored["encoder_lora"]), strict=False)
+        if unexpected or any("lora_" in k for k in missing):
+            raise ValueError(f"{root / stored['encoder_lora']} does not match the encoder's LoRA layout")
+    if "llm_lora" in stored:
+        model.llm = PeftModel.from_pretrained(model.llm, str(root / stored["llm_lora"]), is_trainable=trainable)
+    apply_modes(model, modes)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
