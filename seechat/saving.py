@@ -65,7 +65,9 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
         model.base_llm.save_pretrained(tmp / "llm")  # (a LoRA wrapper's base, adapter saved apart)
         stored["llm"] = "llm"
     if model.llm_is_peft:
-        model.llm.save_pretrained(tmp / "llm_lora")
+        # The resized vocabulary rows are a deterministic function of the base (llm.py), so
+        # peft need not store the embedding matrices it would otherwise save after a resize.
+        model.llm.save_pretrained(tmp / "llm_lora", save_embedding_layers=False)
         stored["llm_lora"] = "llm_lora"
     meta = {"format": FORMAT, "model": cfg, "modes": modes, "stored": stored}
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
