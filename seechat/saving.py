@@ -76,8 +76,16 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
     os.replace(tmp, final)
 
 
-def load(directory: str | os.PathLike, trainable: bool = False) -> SeeChatVLM:
-    """Rebuild a saved model. `trainable=False` (default) freezes everything and sets eval mode."""
+def load(
+    directory: str | os.PathLike,
+    trainable: bool = False,
+    modes: dict[str, str] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+) -> SeeChatVLM:
+    """Rebuild a saved model. `trainable=False` (default) freezes everything and sets eval mode.
+    To continue training (e.g. finetune from an align run), pass `trainable=True`, the new
+    stage's `modes`, and the recipe's `model` section, whose training keys (mode, lr, lora,
+    gradient_checkpointing) replace the saved ones."""
     root = Path(directory)
     meta_path = root / META
     if not meta_path.is_file():
@@ -85,7 +93,13 @@ def load(directory: str | os.PathLike, trainable: bool = False) -> SeeChatVLM:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this seechat reads {FORMAT}")
-    cfg, modes, stored = copy.deepcopy(meta["model"]), meta["modes"], meta["stored"]
+    cfg, saved_modes, stored = copy.deepcopy(meta["model"]), meta["modes"], meta["stored"]
+    modes = modes or saved_modes
+    for module, override in (model_overrides or {}).items():
+        if module in ("encoder", "llm", "adapter") and isinstance(override, dict):
+            for key in ("mode", "lr", "lora", "gradient_checkpointing"):
+                if key in override:
+                    cfg[module][key] = override[key]
     build_cfg = copy.deepcopy(cfg)
     build_cfg["llm"]["tokenizer"] = str(root / stored["tokenizer"])
     if "llm" in stored:

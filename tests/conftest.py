@@ -102,3 +102,66 @@ def image_batch(model, n_text: int = 3):
         "num_images": torch.tensor([1, 0]),
         "labels": labels,
     }
+
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa(tmp_path_factory) -> dict:
+    """A small LLaVA-format VQA set on disk: colored shapes and 'what color' questions, plus
+    a multi-turn two-image sample and a text-only sample."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("vqa")
+    (root / "images").mkdir()
+    samples = []
+    for i in range(24):
+        color = list(COLORS)[i % 3]
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).rectangle([6 + i % 5, 6, 24, 24 - i % 4], fill=COLORS[color])
+        image.save(root / "images" / f"{i}.png")
+        samples.append({
+            "id": f"q{i}",
+            "image": f"images/{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the shape?"},
+                {"from": "gpt", "value": color},
+            ],
+        })
+    samples.append({
+        "id": "two-images",
+        "images": ["images/0.png", "images/1.png"],
+        "conversations": [
+            {"from": "human", "value": "<image> and <image>: what colors?"},
+            {"from": "gpt", "value": "red and blue"},
+            {"from": "human", "value": "Is the first one red?"},
+            {"from": "gpt", "value": "yes"},
+        ],
+    })
+    samples.append({"id": "text-only", "conversations": [
+        {"from": "human", "value": "Name a color."}, {"from": "gpt", "value": "green"}]})
+    (root / "train.json").write_text(json.dumps(samples))
+    (root / "test.json").write_text(json.dumps(samples[:24]))
+    return {"root": str(root), "train": str(root / "train.json"), "test": str(root / "test.json")}
+
+
+def tiny_recipe(experts: dict, data: dict, out: str, *extra: str) -> dict:
+    """A resolved recipe over the tiny experts and data, with `extra` dotted overrides."""
+    import yaml
+
+    from seechat.config import load_recipe
+
+    path = f"{out}.recipe.yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump({
+            "stage": "align",
+            "output_dir": out,
+            "model": model_config(experts, "hf", "mlp", "qwen2"),
+            "data": {"train": data["train"], "test": data["test"], "image_root": data["root"], "num_workers": 0},
+            "train": {"batch_size": 4, "lr": 3e-3, "max_steps": 6, "log_every": 1, "trackers": [],
+                      "mixed_precision": "no", "warmup_ratio": 0.0},
+        }, f)
+    return load_recipe(path, list(extra))

@@ -35,7 +35,12 @@ _CHARS_PER_TOKEN = 4
 
 class SampleEncoder:
     """Turns one raw record into a dataset item (see the module docstring). Shared by the
-    map-style and the streaming dataset."""
+    map-style and the streaming dataset.
+
+    on_error="skip" turns any `SampleError` (schema, template, image) into a skipped item;
+    "raise" lets it propagate. A sample too long for `max_length` follows `truncation`: with
+    "drop" it comes back as a skipped item whatever `on_error` says (a map-style dataset
+    cannot shrink), with "raise" it is a `TruncationError` handled by `on_error`."""
 
     def __init__(
         self,
@@ -68,7 +73,7 @@ class SampleEncoder:
         return {"id": sample_id, "skipped": reason}
 
     def __call__(self, raw: Mapping[str, Any], index: int, source: str | None = None) -> dict[str, Any]:
-        fallback_id = str(raw.get("id", index)) if isinstance(raw, Mapping) else str(index)
+        fallback_id = str(raw.get("id") or index) if isinstance(raw, Mapping) else str(index)
         try:
             sample = normalize_sample(raw, index, self.image_token)
             try:

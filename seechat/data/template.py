@@ -35,10 +35,13 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class AssistantSpan:
-    """Character offsets in the rendered text of one assistant turn: its content is
-    `text[content_start:content_end]`; the turn's end-of-turn text (e.g. "<|im_end|>\\n")
-    runs from `content_end` to `turn_end`."""
+    """Character offsets in the rendered text of one assistant turn. The generation prompt ends
+    at `start`; the content is `text[content_start:content_end]`; the end-of-turn text (e.g.
+    "<|im_end|>\\n") runs from `content_end` to `turn_end`. Text between `start` and
+    `content_start` (Llama-2's space before the answer) is template text that the model, not
+    the prompt, has to write at inference."""
 
+    start: int
     content_start: int
     content_end: int
     turn_end: int
@@ -115,7 +118,7 @@ def render_conversation(
                 f"the chat template changes assistant message {index}'s content "
                 f"({message['content']!r} is rendered as {through[start:end]!r})"
             )
-        spans.append(AssistantSpan(start, end, len(through)))
+        spans.append(AssistantSpan(len(before), start, end, len(through)))
     return RenderedConversation(text, spans)
 
 

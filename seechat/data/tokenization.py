@@ -1,9 +1,10 @@
 """Token ids and labels for one canonical sample, with each `<image>` expanded in place.
 
 The rendered conversation (see `template.py`) is tokenized once, with character offsets, and a
-token is supervised when it overlaps an assistant turn's content; the first token after the
-content - the end-of-turn token (`<|im_end|>`, `</s>`, ...) - is supervised too, so the model
-learns to stop. Everything else is -100. Each `<image>` token then becomes exactly
+token is supervised when it overlaps what the model has to write in an assistant turn: from the
+end of the generation prompt (usually the content's first character; Llama-2 templates put a
+space first) to the end of the content, plus the first token after the content - the
+end-of-turn token (`<|im_end|>`, `</s>`, ...) - so the model learns to stop. Everything else is -100. Each `<image>` token then becomes exactly
 `num_image_tokens` copies, the number of embeddings the adapter produces, so sequence lengths
 are final here and the model only has to fill the placeholders.
 
@@ -54,10 +55,12 @@ def _supervised_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Assista
     mask = [False] * len(offsets)
     i = 0
     for span in spans:  # spans and tokens are both in text order: one sweep
-        while i < len(offsets) and offsets[i][1] <= span.content_start:
+        # Supervision starts where the generation prompt ends, not at the content: whatever
+        # lies between them is not in the prompt at inference, so the model must produce it.
+        while i < len(offsets) and offsets[i][1] <= span.start:
             i += 1
-        # Overlap rather than containment: a token such as " red" that starts in the template's
-        # separator still carries content the model has to produce.
+        # Overlap rather than containment: a token that straddles a boundary still carries text
+        # the model has to produce.
         while i < len(offsets) and offsets[i][0] < span.content_end:
             mask[i] = offsets[i][1] > offsets[i][0]
             i += 1

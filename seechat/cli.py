@@ -1,0 +1,116 @@
+"""The `seechat` command: train, eval, chat. `seechat <command> --help` for each."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .train import run
+
+    if args.config is None:
+        from .demo import ensure_default_inputs
+
+        ensure_default_inputs()
+    recipe = load_recipe(args.config, args.overrides)
+    if args.stage and recipe["stage"] != args.stage:
+        print(f"note: {args.config} is a {recipe['stage']!r} recipe, run with recipes/{args.stage}.py")
+    summary = run(recipe, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, default=str))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_file
+    from .saving import load
+
+    model = load(args.model)
+    result = evaluate_file(
+        model, args.data, image_root=args.image_root, max_samples=args.max_samples,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        predictions_path=args.predictions,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .saving import load
+
+    model = load(args.model)
+    questions = [args.question] if args.question else iter(lambda: input("you> "), "")
+    for question in questions:
+        print(model_answer(model, args.image, question, args.max_new_tokens))
+    return 0
+
+
+def model_answer(model, image: str | None, question: str, max_new_tokens: int = 64) -> str:
+    """One-turn answer to `question` about `image` (or text only)."""
+    import torch
+
+    from .data import encode_prompt, load_image
+
+    text = f"<image>\n{question}" if image else question
+    ids = encode_prompt([{"from": "human", "value": text}], model.tokenizer, model.num_image_tokens)
+    pixels = model.encoder.transform(load_image(image)).unsqueeze(0) if image else None
+    out = model.generate(torch.tensor([ids]), pixel_values=pixels,
+                         num_images=torch.tensor([1 if image else 0]), max_new_tokens=max_new_tokens)
+    return model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="recipe YAML (default: the easy-VQA align recipe)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 adapter=qformer")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="seechat", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train per a recipe (align or finetune)")
+    add_train_arguments(p)
+    p.set_defaults(func=_train, stage=None)
+
+    p = sub.add_parser("eval", help="VQA exact-match accuracy of a saved model on a LLaVA JSON file")
+    p.add_argument("--model", required=True, help="saved seechat model directory")
+    p.add_argument("--data", required=True, help="LLaVA JSON/JSONL with question/answer turns")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--predictions", default=None, help="write predictions.jsonl here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("chat", help="ask a saved model about an image")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", default=None)
+    p.add_argument("--question", default=None, help="one question (default: interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_chat)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def train_main(stage: str, argv: Sequence[str] | None = None) -> int:
+    """Entry of recipes/align.py and recipes/finetune.py."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=f"seechat {stage} stage")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    args.stage = stage
+    if args.config is None and stage != "align":
+        from .config import REPO_ROOT
+
+        args.config = str(REPO_ROOT / "recipes" / f"easyvqa_{stage}.yaml")
+    return _train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

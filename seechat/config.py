@@ -1,0 +1,234 @@
+"""Recipes: YAML with `inherit:`, adapter cards, dotted command-line overrides, validation.
+
+A recipe has `model` (`encoder`, `adapter`, `llm`), `data`, `train`, `eval` and `stage`.
+`model.adapter: qformer` loads the card `adapters/qformer.yaml`; a mapping with `card:` loads the
+card and overrides keys of it. On the command line `train.lr=2e-4 adapter=qformer
+adapter.num_queries=64` works; `encoder.`, `adapter.` and `llm.` are short for `model.*.`.
+Unknown keys are errors that suggest the closest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .registry import ADAPTERS, TRAINING_KEYS, lookup
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CARD_DIRS = (Path.cwd() / "adapters", REPO_ROOT / "adapters")
+DEFAULT_RECIPE = REPO_ROOT / "recipes" / "easyvqa_align.yaml"
+
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
+
+DEFAULTS: dict[str, Any] = {
+    "stage": "align",
+    "seed": 0,
+    "output_dir": "runs/default",
+    "model": {
+        "kind": "stitched",
+        "init_from": None,  # a saved seechat model (e.g. the align run's final/) to start from
+        "encoder": {
+            "backend": "open_clip",
+            "name": "ViT-L-14-336-quickgelu",
+            "pretrained": "openai",
+            "config": {},
+            "arch": "clip",
+            "feature_layer": -2,
+            "keep_cls": False,
+            "dtype": None,
+            "mode": None,
+            "lr": None,
+            "lora": None,
+        },
+        "adapter": "mlp2x_gelu",
+        "llm": {
+            "name_or_path": None,
+            "tokenizer": None,
+            "config": None,
+            "dtype": None,
+            "attn_implementation": None,
+            "trust_remote_code": False,
+            "device_map": None,
+            "image_boundary_tokens": False,
+            "gradient_checkpointing": False,
+            "mode": None,
+            "lr": None,
+            "lora": None,
+        },
+    },
+    "data": {
+        "format": "llava",  # llava (JSON/JSONL) | hf (datasets.load_dataset)
+        "train": None,
+        "val": None,
+        "test": None,
+        "image_root": None,
+        "hf_split": "train",
+        "streaming": False,
+        "max_length": 2048,
+        "truncation": "drop",  # an image would be cut: drop | raise
+        "on_error": "raise",  # bad sample: raise | skip
+        "max_samples": None,
+        "num_workers": 2,
+        "group_by_length": False,
+    },
+    "train": {
+        "epochs": 1,
+        "max_steps": None,
+        "batch_size": 8,  # per process
+        "grad_accum": 1,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "warmup_ratio": 0.03,
+        "min_lr_ratio": 0.0,
+        "max_grad_norm": 1.0,
+        "mixed_precision": "bf16",
+        "log_every": 10,
+        "save_every": None,
+        "save_total_limit": 2,
+        "trackers": ["tensorboard"],
+        "stop_after": None,  # stop (as if killed) after this many steps: for resume tests
+    },
+    "eval": {
+        "split": "val",
+        "batch_size": 32,
+        "max_new_tokens": 8,
+        "max_samples": None,
+    },
+}
+
+# Mappings whose keys belong to someone else (a transformers/open_clip config).
+FREE_FORM = {("model", "encoder", "config"), ("model", "llm", "config")}
+SHORTHAND = ("encoder", "adapter", "llm")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read, inherit, override, validate and fill a recipe; adapter cards resolved."""
+    path = Path(path) if path else DEFAULT_RECIPE
+    recipe = _read_with_inheritance(path, seen=())
+    for item in overrides or []:
+        apply_override(recipe, item)
+    _resolve_adapter(recipe)
+    _validate(recipe, DEFAULTS, ())
+    resolved = _merge(copy.deepcopy(DEFAULTS), recipe)
+    for module in ("encoder", "llm"):
+        if resolved["model"][module].get("lora") is not None:
+            resolved["model"][module]["lora"] = {**LORA_DEFAULTS, **resolved["model"][module]["lora"]}
+    return resolved
+
+
+def _read_with_inheritance(path: Path, seen: tuple) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    if path.resolve() in seen:
+        raise RecipeError(f"recipe {path} inherits itself: {' -> '.join(map(str, seen))}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping")
+    parent = raw.pop("inherit", None)
+    if parent is None:
+        return raw
+    base = _read_with_inheritance((path.parent / parent), seen + (path.resolve(),))
+    return _merge(base, raw)
+
+
+def apply_override(recipe: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML)."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like key=value (e.g. train.lr=2e-4)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] in SHORTHAND:
+        parts = ["model"] + parts
+    node = recipe
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and parts[: i + 1] == ["model", "adapter"]:
+            child = {"card": child}  # adapter=qformer adapter.num_queries=64
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node[part] = child
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _resolve_adapter(recipe: dict) -> None:
+    model = recipe.setdefault("model", {})
+    adapter = model.get("adapter", DEFAULTS["model"]["adapter"])
+    if isinstance(adapter, str):
+        adapter = {"card": adapter}
+    if not isinstance(adapter, dict):
+        raise RecipeError(f"model.adapter must be a card name or a mapping, got {adapter!r}")
+    adapter = dict(adapter)
+    card = adapter.pop("card", None)
+    if card:
+        adapter = {**load_card(card), **adapter}
+    if "type" not in adapter:
+        raise RecipeError("model.adapter needs a card name or a `type` (mlp, qformer, resampler)")
+    builder = lookup(ADAPTERS, "adapter type", adapter["type"])
+    params = inspect.signature(builder).parameters
+    valid = [p for p in params if p not in ("in_dim", "out_dim")] + ["type", *TRAINING_KEYS]
+    for key in adapter:
+        if key not in valid:
+            raise RecipeError(_unknown(f"model.adapter.{key}", key, valid, f"adapter type {adapter['type']!r}"))
+    model["adapter"] = adapter
+
+
+def load_card(name: str) -> dict:
+    for directory in CARD_DIRS:
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            return yaml.safe_load(path.read_text()) or {}
+    cards = sorted({p.stem for d in CARD_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+    raise RecipeError(f"unknown adapter card {name!r}; valid cards: {', '.join(cards)}")
+
+
+def _validate(node: dict, schema: dict, where: tuple) -> None:
+    for key, value in node.items():
+        path = where + (key,)
+        if path == ("model", "adapter"):
+            continue  # checked against the adapter's own signature
+        if key not in schema:
+            raise RecipeError(_unknown(".".join(path), key, list(schema), ".".join(where) or "the recipe"))
+        if path in FREE_FORM or path[-1] == "lora":
+            if path[-1] == "lora" and value is not None:
+                for k in value:
+                    if k not in LORA_DEFAULTS:
+                        raise RecipeError(_unknown(".".join(path + (k,)), k, list(LORA_DEFAULTS), "lora"))
+            continue
+        if isinstance(schema[key], dict):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{'.'.join(path)} must be a mapping, got {value!r}")
+            _validate(value, schema[key], path)
+
+
+def _unknown(full: str, key: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {full!r} in {where}{hint} (valid: {', '.join(sorted(valid))})"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        # A new adapter card/type replaces the inherited adapter instead of mixing with it.
+        replaces = key == "adapter" and isinstance(value, dict) and ("card" in value or "type" in value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not replaces:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def dump_recipe(recipe: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe, sort_keys=False))

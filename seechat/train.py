@@ -1,0 +1,269 @@
+"""One accelerate loop for every stage (align, finetune): recipe in, run directory out.
+
+The run directory holds `recipe.yaml` (resolved), `metrics.jsonl`, TensorBoard logs,
+`checkpoint-<step>/` (accelerate state: model, optimizer, scheduler, RNG + `trainer_state.json`
+with the data position) and `final/` (a saved seechat model). `resume=True` continues from the
+latest checkpoint; the continued run matches an uninterrupted one (same seed, same order).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from .build import build_model
+from .config import dump_recipe
+from .data import LengthGroupedSampler, VLMCollator, VLMDataset, load_hf_dataset, read_llava_records
+from .model import SeeChatVLM
+from .modes import MODULES, parameter_table, resolve_modes
+from .saving import load
+
+logger = logging.getLogger(__name__)
+STATE = "trainer_state.json"
+
+
+def build_dataset(recipe: dict, model: SeeChatVLM, split: str = "train") -> VLMDataset:
+    data = recipe["data"]
+    source = data.get(split)
+    if not source:
+        raise ValueError(f"data.{split} is not set: point it at a LLaVA JSON/JSONL file or a dataset")
+    if data["format"] == "llava":
+        samples: Any = read_llava_records(source, on_error=data["on_error"])
+    elif data["format"] == "hf":
+        samples = load_hf_dataset(source, split=data["hf_split"], streaming=False)
+    else:
+        raise ValueError(f"data.format={data['format']!r}; valid: llava, hf")
+    if data.get("max_samples"):
+        n = data["max_samples"]
+        if hasattr(samples, "records"):
+            samples.records, samples.sources = samples.records[:n], samples.sources[:n]
+        else:
+            samples = samples.select(range(min(n, len(samples))))
+    return VLMDataset(
+        samples,
+        tokenizer=model.tokenizer,
+        image_transform=model.encoder.transform,
+        num_image_tokens=model.num_image_tokens,
+        max_length=data["max_length"],
+        truncation=data["truncation"],
+        on_error=data["on_error"],
+        image_root=data["image_root"],
+    )
+
+
+def model_for(recipe: dict) -> SeeChatVLM:
+    """The model a recipe trains: built from its experts, or continued from `model.init_from`."""
+    mcfg = recipe["model"]
+    modes = resolve_modes(recipe["stage"], mcfg)
+    if mcfg.get("init_from"):
+        return load(mcfg["init_from"], trainable=True, modes=modes, model_overrides=mcfg)
+    return build_model(mcfg, modes)
+
+
+def _param_groups(model: SeeChatVLM, recipe: dict) -> tuple[list[dict], dict[str, float]]:
+    groups, lrs = [], {}
+    for module in MODULES:
+        lr = recipe["model"][module].get("lr") or recipe["train"]["lr"]
+        params = [p for p in getattr(model, module).parameters() if p.requires_grad]
+        lrs[module] = lr
+        if params:
+            groups.append({"params": params, "lr": lr, "name": module})
+    if not groups:
+        raise ValueError("nothing to train: every module is frozen in this stage")
+    return groups, lrs
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [p for p in ckpts if (p / STATE).is_file()]  # a half-written one has no state file
+    return ckpts[-1] if ckpts else None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+    return out
+
+
+def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
+    """Train per `recipe`; returns a summary (final dir, steps, last loss, samples/s, skipped)."""
+    tcfg, dcfg = recipe["train"], recipe["data"]
+    out = Path(recipe["output_dir"])
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tcfg["grad_accum"],
+        mixed_precision=tcfg["mixed_precision"] or "no",
+        log_with=tcfg["trackers"] or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(recipe["seed"])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, out / "recipe.yaml")
+
+    model = model_for(recipe)
+    dataset = build_dataset(recipe, model, "train")
+    collator = VLMCollator(model.tokenizer.pad_token_id)
+    if dcfg["group_by_length"]:
+        sampler = LengthGroupedSampler(dataset.lengths(), tcfg["batch_size"], seed=recipe["seed"])
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(recipe["seed"]))
+    loader = DataLoader(
+        dataset,
+        batch_size=tcfg["batch_size"],
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=dcfg["num_workers"],
+        persistent_workers=dcfg["num_workers"] > 0,
+    )
+    groups, lrs = _param_groups(model, recipe)
+    accelerator.print(parameter_table(model, lrs))
+    optimizer = torch.optim.AdamW(groups, weight_decay=tcfg["weight_decay"], betas=tuple(tcfg["betas"]))
+
+    updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / tcfg["grad_accum"])
+    total = tcfg["max_steps"] or tcfg["epochs"] * updates_per_epoch
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(tcfg["warmup_ratio"] * total),
+        num_training_steps=total,
+        min_lr_rate=tcfg["min_lr_ratio"],
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    step, epoch, batches_done, skipped = 0, 0, 0, list(dataset.read_skipped)
+    if resume and (ckpt := _latest_checkpoint(out)) is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / STATE).read_text())
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        skipped = [tuple(s) for s in state["skipped"]]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    if tcfg["trackers"]:
+        accelerator.init_trackers("seechat", config=_flat({"train": tcfg, "stage": recipe["stage"]}))
+
+    metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc=recipe["stage"], mininterval=2)
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    seen, t0, last_loss, window = 0, time.time(), float("nan"), []
+    stop_after = tcfg.get("stop_after")
+    finished = step >= total
+    while not finished:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        for batch in batches:
+            batches_done += 1
+            skipped += batch["skipped"]
+            if batch["input_ids"] is None:
+                continue
+            with accelerator.accumulate(model):
+                loss = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    num_images=batch["num_images"],
+                    labels=batch["labels"],
+                    sample_ids=batch["ids"],
+                ).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tcfg["max_grad_norm"]:
+                    accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window.append(loss.detach().float())
+            seen += batch["input_ids"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            last_loss = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
+            window = []
+            rate = seen / max(time.time() - t0, 1e-9)
+            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
+            if metrics_file and (step % tcfg["log_every"] == 0 or step == total):
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if tcfg["trackers"]:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            if tcfg["save_every"] and step % tcfg["save_every"] == 0:
+                _save_checkpoint(accelerator, out, step, epoch, batches_done, skipped, tcfg["save_total_limit"])
+            if step >= total or (stop_after and step >= stop_after):
+                finished = True
+                break
+        else:
+            epoch, batches_done = epoch + 1, 0
+    if step < total:  # stop_after: behave like a killed run (no final model)
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+        accelerator.end_training()
+        return {"stopped_at": step, "loss": last_loss}
+    bar.close()
+    accelerator.wait_for_everyone()
+    all_skipped = [s for part in _gather_objects(accelerator, skipped) for s in part]
+    final = out / "final"
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(final)
+        if all_skipped:
+            logger.warning("skipped %d bad samples: %s", len(all_skipped), [s[0] for s in all_skipped][:20])
+        accelerator.print(f"skipped samples: {len(all_skipped)}")
+    if metrics_file:
+        metrics_file.close()
+    accelerator.end_training()
+    elapsed = time.time() - t0
+    return {
+        "final": str(final),
+        "steps": step,
+        "loss": last_loss,
+        "samples_per_s": seen / max(elapsed, 1e-9),
+        "seconds": elapsed,
+        "skipped": all_skipped,
+    }
+
+
+def _gather_objects(accelerator: Accelerator, obj: list) -> list[list]:
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, out: Path, step: int, epoch: int, batches: int, skipped: list, keep: int
+) -> None:
+    """accelerate state + data position, written to a temp dir and renamed (atomic)."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".tmp-checkpoint-{step}"
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches, "skipped": skipped}
+        (tmp / STATE).write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
