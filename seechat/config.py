@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,21 @@ class RecipeError(ValueError):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `2e-4` as a float (YAML 1.1 insists on `2.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read, inherit, override, validate and fill a recipe; adapter cards resolved."""
     path = Path(path) if path else DEFAULT_RECIPE
@@ -130,7 +146,7 @@ def _read_with_inheritance(path: Path, seen: tuple) -> dict:
         raise RecipeError(f"recipe {path} does not exist")
     if path.resolve() in seen:
         raise RecipeError(f"recipe {path} inherits itself: {' -> '.join(map(str, seen))}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping")
     parent = raw.pop("inherit", None)
@@ -159,7 +175,7 @@ def apply_override(recipe: dict, item: str) -> None:
             raise RecipeError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
         node[part] = child
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = _yaml(value)
 
 
 def _resolve_adapter(recipe: dict) -> None:
@@ -188,7 +204,7 @@ def load_card(name: str) -> dict:
     for directory in CARD_DIRS:
         path = directory / f"{name}.yaml"
         if path.is_file():
-            return yaml.safe_load(path.read_text()) or {}
+            return _yaml(path.read_text()) or {}
     cards = sorted({p.stem for d in CARD_DIRS if d.is_dir() for p in d.glob("*.yaml")})
     raise RecipeError(f"unknown adapter card {name!r}; valid cards: {', '.join(cards)}")
 

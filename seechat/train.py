@@ -148,12 +148,17 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     step, epoch, batches_done, skipped = 0, 0, 0, list(dataset.read_skipped)
+    resumed_rng = None
     if resume and (ckpt := _latest_checkpoint(out)) is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / STATE).read_text())
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
         skipped = [tuple(s) for s in state["skipped"]]
         accelerator.print(f"resumed from {ckpt} at step {step}")
+        # Starting a DataLoader iterator draws from the global RNG; the uninterrupted run drew
+        # at epoch start, before the checkpoint. Re-apply the checkpoint's RNG state once the
+        # resumed iterator has produced its first batch, so dropout masks stay identical.
+        resumed_rng = torch.get_rng_state()
     if tcfg["trackers"]:
         accelerator.init_trackers("seechat", config=_flat({"train": tcfg, "stage": recipe["stage"]}))
 
@@ -171,6 +176,9 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
             sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
         for batch in batches:
+            if resumed_rng is not None:
+                torch.set_rng_state(resumed_rng)
+                resumed_rng = None
             batches_done += 1
             skipped += batch["skipped"]
             if batch["input_ids"] is None:
@@ -221,7 +229,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         return {"stopped_at": step, "loss": last_loss}
     bar.close()
     accelerator.wait_for_everyone()
-    all_skipped = [s for part in _gather_objects(accelerator, skipped) for s in part]
+    # A bad sample is met once per epoch: count samples, not encounters.
+    all_skipped = list({s[0]: s[1] for part in _gather_objects(accelerator, skipped) for s in part}.items())
     final = out / "final"
     if accelerator.is_main_process:
         unwrapped.save_pretrained(final)

@@ -1,0 +1,133 @@
+"""The training loop: losses fall, kill-and-resume equals an uninterrupted run, bad samples are
+skipped and counted or named, recipes inherit/override/validate, evaluation scores answers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe
+from seechat import load
+from seechat.config import RecipeError, load_recipe
+from seechat.data import SampleError
+from seechat.evaluate import evaluate_file, normalize_answer
+from seechat.train import run
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_loss_falls(experts, tiny_vqa, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_recipe(experts, tiny_vqa, str(out), "stage=finetune", "train.max_steps=40", "train.lr=1e-2"))
+    curve = losses(out)
+    assert len(curve) == 40
+    assert sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5, curve
+    assert (out / "recipe.yaml").is_file()
+    assert load_recipe(out / "recipe.yaml")["train"]["max_steps"] == 40
+
+
+def test_kill_and_resume_matches_uninterrupted_run(experts, tiny_vqa, tmp_path):
+    common = ["train.max_steps=8", "train.save_every=3", "train.grad_accum=2", "train.batch_size=3",
+              "llm.mode=lora", "stage=finetune"]
+    full = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "a"), *common))
+    stopped = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "b"), *common, "train.stop_after=5"))
+    assert stopped["stopped_at"] == 5 and not (tmp_path / "b" / "final").exists()
+    assert (tmp_path / "b" / "checkpoint-3").is_dir()
+    resumed = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "b"), *common), resume=True)
+    assert resumed["steps"] == full["steps"] == 8
+    # metrics.jsonl of b holds steps 1-5 of the killed run, then 4-8 of the resumed one
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert b[:5] == a[:5] and b[5:] == a[3:]
+    for name in ("adapter.safetensors",):
+        wa, wb = load_file(tmp_path / "a/final" / name), load_file(tmp_path / "b/final" / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = load_file(tmp_path / "a/final/llm_lora/adapter_model.safetensors")
+    lb = load_file(tmp_path / "b/final/llm_lora/adapter_model.safetensors")
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+@pytest.fixture()
+def broken_data(tiny_vqa, tmp_path):
+    """The tiny set as JSONL with a corrupt image and a malformed line."""
+    root = Path(tiny_vqa["root"])
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    samples = json.loads(Path(tiny_vqa["train"]).read_text())[:8]
+    samples[2] = {**samples[2], "id": "bad-image", "image": str(tmp_path / "corrupt.png")}
+    lines = [json.dumps(s) for s in samples]
+    lines.insert(5, '{"id": "half-written", "conversations": [')
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return {**tiny_vqa, "train": str(path), "root": str(root)}
+
+
+def test_on_error_skip_counts_bad_samples(experts, broken_data, tmp_path):
+    recipe = tiny_recipe(experts, broken_data, str(tmp_path / "run"), "data.on_error=skip",
+                         "train.max_steps=3", "train.batch_size=8")
+    summary = run(recipe)
+    reasons = dict(summary["skipped"])
+    assert len(summary["skipped"]) == 2
+    assert "bad-image" in reasons
+    assert any(key.endswith("broken.jsonl:6") for key in reasons)
+
+
+def test_on_error_raise_names_sample_and_file(experts, broken_data, tmp_path):
+    with pytest.raises(SampleError, match=r"broken\.jsonl.*6|6.*broken\.jsonl"):
+        run(tiny_recipe(experts, broken_data, str(tmp_path / "run"), "train.max_steps=3"))
+    lines = Path(broken_data["train"]).read_text().splitlines()
+    del lines[5]
+    Path(broken_data["train"]).write_text("\n".join(lines))
+    with pytest.raises(SampleError, match=r"bad-image.*corrupt\.png|corrupt\.png.*bad-image"):
+        run(tiny_recipe(experts, broken_data, str(tmp_path / "run2"), "train.max_steps=3",
+                        "train.batch_size=8", "data.num_workers=0"))
+
+
+def test_finetune_from_align_and_evaluate(experts, tiny_vqa, tmp_path):
+    align = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "align"), "train.max_steps=2"))
+    final = Path(align["final"])  # align trains only the adapter: nothing else is stored
+    assert (final / "adapter.safetensors").is_file()
+    assert not (final / "llm").exists() and not (final / "encoder.safetensors").exists()
+    ft = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "ft"), "stage=finetune",
+                         f"model.init_from={align['final']}", "train.max_steps=2"))
+    model = load(ft["final"])
+    assert model.modes == {"encoder": "frozen", "adapter": "full", "llm": "full"}
+    aligned = load(align["final"])
+    adapter_a = load_file(Path(align["final"]) / "adapter.safetensors")
+    assert all(torch.equal(aligned.adapter.state_dict()[k], v) for k, v in adapter_a.items())
+    result = evaluate_file(model, tiny_vqa["test"], image_root=tiny_vqa["root"], batch_size=5,
+                           predictions_path=tmp_path / "predictions.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert result["n"] == len(rows) == 24
+    assert result["correct"] == sum(r["correct"] for r in rows)
+    assert all(r["answer"] in ("red", "blue", "green") for r in rows)
+
+
+def test_answer_normalisation():
+    assert normalize_answer(" The Red.") == "red"
+    assert normalize_answer("Two circles!") == "2 circles"
+    assert normalize_answer("yes") != normalize_answer("no")
+
+
+def test_recipe_inherit_override_and_unknown_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("stage: align\ntrain: {lr: 1.0e-3, batch_size: 4}\nmodel: {adapter: qformer}\n")
+    (tmp_path / "child.yaml").write_text("inherit: base.yaml\ntrain: {batch_size: 8}\n")
+    r = load_recipe(tmp_path / "child.yaml", ["train.lr=2e-4", "adapter.num_queries=64"])
+    assert r["train"] == {**r["train"], "lr": 2e-4, "batch_size": 8}
+    assert r["model"]["adapter"]["type"] == "qformer" and r["model"]["adapter"]["num_queries"] == 64
+    assert r["model"]["adapter"]["num_layers"] == 12  # from the card
+    r = load_recipe(tmp_path / "child.yaml", ["adapter=resampler256"])
+    assert r["model"]["adapter"] == {"type": "resampler", "grid_size": 16}
+    with pytest.raises(RecipeError, match="did you mean 'lr'"):
+        load_recipe(tmp_path / "child.yaml", ["train.lrr=1"])
+    with pytest.raises(RecipeError, match="did you mean 'num_queries'"):
+        load_recipe(tmp_path / "child.yaml", ["adapter.num_querys=3"])
+    with pytest.raises(RecipeError, match="valid cards: .*mlp2x_gelu.*qformer"):
+        load_recipe(tmp_path / "child.yaml", ["adapter=perceiver"])
+    with pytest.raises(ValueError, match="valid modes for llm"):
+        from seechat.modes import resolve_modes
+
+        resolve_modes("finetune", {"llm": {"mode": "lora8"}})
