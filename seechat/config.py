@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
             "name": "ViT-L-14-336-quickgelu",
             "pretrained": "openai",
             "config": {},
-            "arch": "clip",
+            "arch": None,  # hf random init only: clip | siglip
             "feature_layer": -2,
             "keep_cls": False,
             "dtype": None,
@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "llm": {
             "name_or_path": None,
             "tokenizer": None,
+            "chat_template": None,  # chatml | llama2 | vicuna | a Jinja string (base tokenizers)
             "config": None,
             "dtype": None,
             "attn_implementation": None,

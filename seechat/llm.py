@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .tiny import CHAT_TEMPLATES
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -33,10 +35,14 @@ def load_tokenizer(cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
     if not source:
         raise ValueError("llm.tokenizer or llm.name_or_path must name a tokenizer (Hub id or path)")
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.get("trust_remote_code", False))
+    if cfg.get("chat_template"):
+        # A name of a built-in template (chatml, llama2, vicuna) or a Jinja template string.
+        tokenizer.chat_template = CHAT_TEMPLATES.get(cfg["chat_template"], cfg["chat_template"])
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"tokenizer {source!r} has no chat template; seechat renders conversations with the "
-            "tokenizer's own template. Set llm.tokenizer to a chat model's tokenizer or add one."
+            f"tokenizer's own template. Set llm.chat_template to one of {sorted(CHAT_TEMPLATES)} "
+            "or to a Jinja template string."
         )
     new = [IMAGE_TOKEN] + ([IMAGE_START, IMAGE_END] if cfg.get("image_boundary_tokens") else [])
     new = [t for t in new if t not in tokenizer.get_vocab()]

@@ -5,6 +5,7 @@ top-level `adapters/` folder). Unknown names raise an error listing the valid on
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from .adapters import Adapter, MLPAdapter, QFormerAdapter, ResamplerAdapter
@@ -36,8 +37,16 @@ def _architecture(cfg: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
 
 
 def build_encoder(cfg: dict[str, Any]) -> VisionEncoder:
-    builder = lookup(ENCODERS, "encoder backend", cfg.get("backend", "open_clip"))
-    return builder(**_architecture(cfg, ("backend",)))
+    backend = cfg.get("backend", "open_clip")
+    builder = lookup(ENCODERS, "encoder backend", backend)
+    accepted = inspect.signature(builder).parameters
+    kwargs = _architecture(cfg, ("backend",))
+    # Recipes carry every backend's keys; unset ones (None) that this backend lacks are dropped.
+    extra = [k for k, v in kwargs.items() if k not in accepted and v is not None]
+    if extra:
+        raise ValueError(f"encoder.{extra[0]} does not apply to the {backend!r} backend "
+                         f"(its options: {', '.join(accepted)})")
+    return builder(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def build_adapter(cfg: dict[str, Any], in_dim: int, out_dim: int) -> Adapter:

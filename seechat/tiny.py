@@ -35,6 +35,20 @@ LLAMA2_TEMPLATE = (
     "{% endfor %}"
 )
 
+# Vicuna v1 (LLaVA-1.5's conversation format), for base tokenizers that ship no template.
+VICUNA_TEMPLATE = (
+    "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama2": LLAMA2_TEMPLATE, "vicuna": VICUNA_TEMPLATE}
+
 
 def train_tokenizer(
     texts: Iterable[str],

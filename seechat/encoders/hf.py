@@ -36,7 +36,7 @@ class HFVisionEncoder(VisionEncoder):
         name: str | None = None,
         pretrained: bool | None = True,
         config: dict[str, Any] | None = None,
-        arch: str = "clip",
+        arch: str | None = "clip",
         feature_layer: int = -2,
         keep_cls: bool = False,
         dtype: str | None = None,
@@ -54,6 +54,7 @@ class HFVisionEncoder(VisionEncoder):
             model_cls = _TOWERS[model_type][1]
             self.tower = model_cls.from_pretrained(name, dtype=_dtype(dtype), **(config or {}))
         else:
+            arch = arch or "clip"
             if arch not in ("clip", "siglip"):
                 raise ValueError(f"encoder.arch={arch!r}; valid: 'clip', 'siglip'")
             config_cls, model_cls = _TOWERS[arch]
