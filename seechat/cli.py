@@ -12,10 +12,12 @@ def _train(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .train import run
 
-    if args.config is None:
-        from .demo import ensure_default_inputs
+    if args.config is None:  # the embedded default: easy-VQA with tiny local experts
+        from .config import REPO_ROOT
+        from .demo.pipeline import ensure_default_inputs
 
         ensure_default_inputs()
+        args.config = str(REPO_ROOT / "recipes" / f"easyvqa_{args.stage or 'align'}.yaml")
     recipe = load_recipe(args.config, args.overrides)
     if args.stage and recipe["stage"] != args.stage:
         print(f"note: {args.config} is a {recipe['stage']!r} recipe, run with recipes/{args.stage}.py")
@@ -105,10 +107,6 @@ def train_main(stage: str, argv: Sequence[str] | None = None) -> int:
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     args.stage = stage
-    if args.config is None and stage != "align":
-        from .config import REPO_ROOT
-
-        args.config = str(REPO_ROOT / "recipes" / f"easyvqa_{stage}.yaml")
     return _train(args)
 
 

@@ -1,0 +1,226 @@
+"""Tiny experts for the embedded default, made from easy-VQA's TRAINING split only.
+
+Nothing pretrained can be downloaded, so each expert is first trained the way its real
+counterpart was, at toy scale:
+  tokenizer  byte-level BPE on the training questions and answers, ChatML template
+  vision     a CLIP ViT trained with CLIP's contrastive (InfoNCE) loss against captions made
+             from the training answers ("red shape", "circle"); each image is scored against
+             every distinct caption, so images sharing a caption are not pushed apart
+  llm        a Qwen2-architecture decoder trained with next-token loss on the training
+             conversations as text (no images)
+The experts are saved with `save_pretrained`, and the recipes load them by path exactly as they
+would load `openai/clip-vit-large-patch14-336` or `lmsys/vicuna-7b-v1.5`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from ..encoders.base import clip_style_transform
+from ..tiny import tiny_llm_config, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+IMAGE_SIZE = 64
+
+
+def _qa_pairs(samples: list[dict]) -> list[tuple[str, str, str]]:
+    """(image, question, answer) for every turn pair of LLaVA-format samples."""
+    out = []
+    for s in samples:
+        turns = s["conversations"]
+        for q, a in zip(turns[0::2], turns[1::2]):
+            out.append((s["image"], q["value"].replace("<image>", "").strip(), a["value"]))
+    return out
+
+
+def image_attributes(pairs: list[tuple[str, str, str]]) -> dict[str, dict[str, str]]:
+    """Color and shape of each training image, read off its training answers: directly from
+    'what color/shape' answers, or by elimination from yes/no answers."""
+    present: dict[str, dict[str, set]] = defaultdict(lambda: {"color": set(), "shape": set()})
+    absent: dict[str, dict[str, set]] = defaultdict(lambda: {"color": set(), "shape": set()})
+    for image, question, answer in pairs:
+        words = question.rstrip("?").split()
+        if answer in COLORS:
+            present[image]["color"].add(answer)
+        elif answer in SHAPES:
+            present[image]["shape"].add(answer)
+        elif answer in ("yes", "no"):
+            negated = "not" in words or "no" in words
+            for kind, vocab in (("color", COLORS), ("shape", SHAPES)):
+                for word in vocab:
+                    if word in words:
+                        ((answer == "yes") != negated and present or absent)[image][kind].add(word)
+    attributes: dict[str, dict[str, str]] = {}
+    for image in set(present) | set(absent):
+        known = {}
+        for kind, vocab in (("color", COLORS), ("shape", SHAPES)):
+            candidates = present[image][kind] or (set(vocab) - absent[image][kind])
+            if len(candidates) == 1:
+                known[kind] = next(iter(candidates))
+        attributes[image] = known
+    return attributes
+
+
+def build_tokenizer(pairs: list[tuple[str, str, str]], out: Path, vocab_size: int = 400):
+    # The role names are in the corpus too, so that the chat template's "user"/"assistant" are
+    # single tokens rather than spelled out letter by letter.
+    texts = [q for _, q, _ in pairs] + [a for _, _, a in pairs] + ["user\n", "assistant\n"] * 1000
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, template="chatml")
+    tokenizer.save_pretrained(out)
+    split = sorted(a for a in {a for _, _, a in pairs} if len(tokenizer(a, add_special_tokens=False)["input_ids"]) > 1)
+    logger.info("tokenizer: %d tokens; answers that take more than one token: %s", len(tokenizer), split or "none")
+    return tokenizer
+
+
+class _BagOfWordsText(nn.Module):
+    """The text tower of the contrastive pretraining: mean of word embeddings + projection."""
+
+    def __init__(self, vocab: list[str], dim: int):
+        super().__init__()
+        self.vocab = {w: i for i, w in enumerate(vocab)}
+        self.embed = nn.Embedding(len(vocab), dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        rows = [self.embed(torch.tensor([self.vocab[w] for w in c.split()])).mean(0) for c in captions]
+        return self.proj(torch.stack(rows))
+
+
+def build_vision(
+    train_samples: list[dict],
+    image_root: Path,
+    attributes: dict[str, dict[str, str]],
+    out: Path,
+    epochs: int = 8,
+    batch_size: int = 64,
+    hidden_size: int = 128,
+    layers: int = 4,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 32), projection_dim=hidden_size,
+    )
+    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
+    tower = CLIPVisionModel(config)
+    visual_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+    color_caps = [f"{c} shape" for c in COLORS]
+    shape_caps = list(SHAPES)
+    text = _BagOfWordsText(list(COLORS) + list(SHAPES) + ["shape"], hidden_size)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    transform = clip_style_transform(IMAGE_SIZE, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    images = sorted({s["image"] for s in train_samples})
+    pixels = torch.stack([transform(Image.open(image_root / p).convert("RGB")) for p in images])
+    color_target = torch.tensor([COLORS.index(attributes.get(p, {}).get("color")) if "color" in attributes.get(p, {}) else -100 for p in images])
+    shape_target = torch.tensor([SHAPES.index(attributes.get(p, {}).get("shape")) if "shape" in attributes.get(p, {}) else -100 for p in images])
+    logger.info("vision pretraining on %d images (%d with color, %d with shape known)",
+                len(images), int((color_target >= 0).sum()), int((shape_target >= 0).sum()))
+
+    params = [*tower.parameters(), *visual_proj.parameters(), *text.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    steps = epochs * math.ceil(len(images) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    start, step = time.time(), 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for i in range(0, len(images), batch_size):
+            idx = order[i : i + batch_size]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                emb = F.normalize(visual_proj(tower(pixel_values=pixels[idx]).pooler_output), dim=-1)
+                loss = 0.0
+                for caps, target in ((color_caps, color_target[idx]), (shape_caps, shape_target[idx])):
+                    txt = F.normalize(text(caps), dim=-1)
+                    logits = logit_scale.exp().clamp(max=100) * emb @ txt.T
+                    if (target >= 0).any():
+                        loss = loss + F.cross_entropy(logits.float(), target, ignore_index=-100)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+        logger.info("vision epoch %d: loss %.4f", epoch + 1, loss.item())
+    elapsed = time.time() - start
+    logger.info("vision pretraining: %.0fs, %.0f images/s", elapsed, epochs * len(images) / elapsed)
+    tower.save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    ).save_pretrained(out)
+    return tower
+
+
+def build_llm(train_samples: list[dict], tokenizer, out: Path, epochs: int = 1, batch_size: int = 32,
+              hidden_size: int = 256, layers: int = 4, heads: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        tiny_llm_config("qwen2", len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads),
+        attn_implementation="eager",  # faster than SDPA for tiny models on CPU
+    )
+    texts = []
+    for s in train_samples:
+        messages = [{"role": "user" if t["from"] == "human" else "assistant",
+                     "content": t["value"].replace("<image>\n", "")} for t in s["conversations"]]
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    encoded = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    steps = epochs * math.ceil(len(encoded) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    start = time.time()
+    for epoch in range(epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            rows = [encoded[j] for j in order[i : i + batch_size]]
+            ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
+            mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+            labels = ids.masked_fill(mask == 0, -100)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        logger.info("llm epoch %d: loss %.4f", epoch + 1, loss.item())
+    logger.info("llm pretraining: %.0fs", time.time() - start)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model
+
+
+def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = 6, llm_epochs: int = 1,
+                  max_train_samples: int | None = None) -> dict[str, str]:
+    """Train the three experts on `data_dir/train_multiturn.json`; returns their directories."""
+    data, out = Path(data_dir), Path(out_dir)
+    samples = json.loads((data / "train_multiturn.json").read_text())[:max_train_samples]
+    pairs = _qa_pairs(samples)
+    paths = {k: out / k for k in ("tokenizer", "vision", "llm")}
+    tokenizer = build_tokenizer(pairs, paths["tokenizer"])
+    build_vision(samples, data, image_attributes(pairs), paths["vision"], epochs=vision_epochs, seed=seed)
+    build_llm(samples, tokenizer, paths["llm"], epochs=llm_epochs, seed=seed)
+    return {k: str(v) for k, v in paths.items()}
