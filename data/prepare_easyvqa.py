@@ -7,8 +7,8 @@ Writes (idempotent; the folder is git-ignored):
   train.json / val.json          one question per sample; val = 5% of the training IMAGES
                                  (seeded), so no val image is ever trained on
   train_multiturn.json           the training questions grouped by image into conversations of
-                                 up to 6 turns (seeded random order): each image is encoded once
-                                 per ~5 answers, and sequences stay short (attention is quadratic)
+                                 up to 10 turns (seeded random order): each image is encoded once
+                                 per ~8 answers, and sequences stay short (attention is quadratic)
   test.json                      the official test split (9,673 questions), never trained on
   answers.json                   the answer vocabulary
 """
@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 VAL_FRACTION = 0.05
-TURNS_PER_SAMPLE = 6
+TURNS_PER_SAMPLE = 10
 
 
 def _sample(split: str, index: int, image_id: int, question: str, answer: str) -> dict:

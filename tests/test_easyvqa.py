@@ -1,0 +1,92 @@
+"""The embedded default: easy-VQA preparation (real package data), the experts' labels, and a
+miniature end-to-end run of the whole demo pipeline."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from seechat.config import REPO_ROOT
+from seechat.demo.experts import _qa_pairs, image_attributes
+
+spec = importlib.util.spec_from_file_location("prepare_easyvqa", REPO_ROOT / "data" / "prepare_easyvqa.py")
+prepare_easyvqa = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prepare_easyvqa)
+
+
+@pytest.fixture(scope="module")
+def easyvqa(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("easyvqa")
+    prepare_easyvqa.prepare(out)
+    return out
+
+
+def _load(root: Path, name: str) -> list[dict]:
+    return json.loads((root / name).read_text())
+
+
+def test_prepared_splits(easyvqa):
+    train, val, test = (_load(easyvqa, f) for f in ("train.json", "val.json", "test.json"))
+    assert len(train) + len(val) == 38_575
+    assert len(test) == 9_673
+    train_images, val_images = {s["image"] for s in train}, {s["image"] for s in val}
+    assert not train_images & val_images
+    assert len(val_images) == int(0.05 * 4000)
+    assert all(s["image"].startswith("images/test/") for s in test)
+    for s in train[:50] + val[:50] + test[:50]:
+        assert (easyvqa / s["image"]).is_file()
+    assert _load(easyvqa, "answers.json") == sorted(
+        ["circle", "green", "red", "gray", "yes", "teal", "black", "rectangle", "yellow", "triangle",
+         "brown", "blue", "no"])
+
+
+def test_multiturn_holds_every_training_question_once(easyvqa):
+    train, multi = _load(easyvqa, "train.json"), _load(easyvqa, "train_multiturn.json")
+    single = Counter((s["image"], s["conversations"][0]["value"].replace("<image>\n", ""),
+                      s["conversations"][1]["value"]) for s in train)
+    grouped = Counter(_qa_pairs(multi))
+    assert grouped == single
+    for s in multi:
+        turns = s["conversations"]
+        assert len(turns) <= 2 * prepare_easyvqa.TURNS_PER_SAMPLE
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+
+
+def test_attributes_inferred_from_yes_no_agree_with_what_answers(easyvqa):
+    pairs = _qa_pairs(_load(easyvqa, "train_multiturn.json"))
+    direct = {}
+    for image, question, answer in pairs:
+        if question.startswith("what color"):
+            direct.setdefault(image, {})["color"] = answer
+    only_yes_no = [p for p in pairs if p[2] in ("yes", "no")]
+    inferred = image_attributes(only_yes_no)
+    checked = [(img, a["color"]) for img, a in inferred.items() if "color" in a and img in direct]
+    assert len(checked) > 1000
+    assert all(direct[img]["color"] == color for img, color in checked)
+
+
+def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
+    from seechat.demo.pipeline import run_pipeline, write_report
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/generated")
+    os.symlink(easyvqa, "data/generated/easyvqa")
+    result = run_pipeline(
+        ["train.max_steps=2", "data.max_samples=64", "data.num_workers=0", "train.trackers=[]",
+         "train.batch_size=8"],
+        fresh=True, eval_samples=24,
+        expert_kwargs={"max_train_samples": 40, "vision_epochs": 1, "llm_epochs": 1},
+    )
+    assert result["test"]["n"] == 24
+    assert result["align"]["steps"] == result["finetune"]["steps"] == 2
+    rows = [json.loads(x) for x in Path("runs/demo/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(r["images"][0].startswith("images/test/") for r in rows)
+    text = write_report(result, rows[:3])
+    assert "Test exact match" in text and Path("runs/demo/report.md").is_file()
+    for expert in ("tokenizer", "vision", "llm"):
+        assert Path("runs/demo/experts", expert).is_dir()
