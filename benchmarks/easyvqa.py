@@ -9,6 +9,7 @@ stage (the goal: >= 97% with <= 600 s of training on a 2-core CPU), machine fact
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -35,6 +36,7 @@ def question_type(row: dict) -> str:
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.time()
     result = run_pipeline(sys.argv[1:], fresh=True)
     rows = [json.loads(x) for x in (RUN_DIR / "predictions.jsonl").read_text().splitlines()]

@@ -9,6 +9,12 @@ Writes (idempotent; the folder is git-ignored):
   train_multiturn.json           the training questions grouped by image into conversations of
                                  up to 10 turns (seeded random order): each image is encoded once
                                  per ~8 answers, and sequences stay short (attention is quadratic)
+  train_balanced.json            what the default recipes train on: single questions, where
+                                 each yes/no family (color or shape, plain or negated) has as
+                                 many "yes" as "no" answers (the majority answer is subsampled,
+                                 a fresh draw per pass, 2 passes). Without it the majority
+                                 answer (~87% "no" for "is there a <color> shape?") is a prior
+                                 the model settles on instead of looking at the image.
   test.json                      the official test split (9,673 questions), never trained on
   answers.json                   the answer vocabulary
 """
@@ -35,6 +41,38 @@ def _sample(split: str, index: int, image_id: int, question: str, answer: str) -
             {"from": "gpt", "value": answer},
         ],
     }
+
+
+COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+
+
+def yes_no_family(sample: dict) -> str | None:
+    """'color' / 'shape' (+ ' negated') for a yes/no question, None for a what-question."""
+    answer = sample["conversations"][1]["value"]
+    if answer not in ("yes", "no"):
+        return None
+    words = sample["conversations"][0]["value"].rstrip("?").split()
+    kind = "color" if COLORS & set(words) else "shape"
+    return kind + (" negated" if "not" in words or "no" in words else "")
+
+
+def balanced(samples: list[dict], seed: int, passes: int = 2) -> list[dict]:
+    """`passes` shuffled draws in which every yes/no family has equal yes and no counts."""
+    rng = random.Random(seed)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for s in samples:
+        family = yes_no_family(s)
+        groups[(family, s["conversations"][1]["value"] if family else None)].append(s)
+    out = []
+    for _ in range(passes):
+        draw = list(groups[(None, None)])
+        for family in {f for f, _ in groups if f}:
+            yes, no = groups[(family, "yes")], groups[(family, "no")]
+            n = min(len(yes), len(no))
+            draw += rng.sample(yes, n) + rng.sample(no, n)
+        rng.shuffle(draw)
+        out += draw
+    return out
 
 
 def _copy_images(paths: dict[int, str], dest: Path) -> None:
@@ -84,7 +122,8 @@ def prepare(out: Path, seed: int = 0) -> dict[str, int]:
     test = [_sample("test", i, img, q, a) for i, (q, a, img) in enumerate(zip(tq, ta, tid))]
 
     files = {"train.json": train, "val.json": val, "test.json": test,
-             "train_multiturn.json": multiturn(train, seed), "answers.json": sorted(easy_vqa.get_answers())}
+             "train_multiturn.json": multiturn(train, seed), "train_balanced.json": balanced(train, seed),
+             "answers.json": sorted(easy_vqa.get_answers())}
     for name, content in files.items():
         (out / name).write_text(json.dumps(content))
     return {name: len(content) for name, content in files.items()}

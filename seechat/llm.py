@@ -20,12 +20,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .data.tokenization import IMAGE_START, IMAGE_END
 from .tiny import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
-IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
 PAD_TOKEN = "<pad>"
 
 

@@ -57,6 +57,23 @@ def test_multiturn_holds_every_training_question_once(easyvqa):
         assert sum(t["value"].count("<image>") for t in turns) == 1
 
 
+def test_balanced_file_has_equal_yes_and_no_per_family_and_pass(easyvqa):
+    train, balanced = _load(easyvqa, "train.json"), _load(easyvqa, "train_balanced.json")
+    what = [s for s in train if prepare_easyvqa.yes_no_family(s) is None]
+    assert len(balanced) % 2 == 0
+    half = len(balanced) // 2
+    train_ids = {s["id"] for s in train}
+    for draw in (balanced[:half], balanced[half:]):
+        assert {s["id"] for s in draw} <= train_ids  # training questions only, never val/test
+        assert sum(prepare_easyvqa.yes_no_family(s) is None for s in draw) == len(what)
+        counts = Counter((prepare_easyvqa.yes_no_family(s), s["conversations"][1]["value"])
+                         for s in draw if prepare_easyvqa.yes_no_family(s))
+        families = {f for f, _ in counts}
+        assert families == {"color", "color negated", "shape", "shape negated"}
+        assert all(counts[(f, "yes")] == counts[(f, "no")] > 500 for f in families)
+    assert [s["id"] for s in balanced[:half]] != [s["id"] for s in balanced[half:]]
+
+
 def test_attributes_inferred_from_yes_no_agree_with_what_answers(easyvqa):
     pairs = _qa_pairs(_load(easyvqa, "train_multiturn.json"))
     direct = {}

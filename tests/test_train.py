@@ -131,3 +131,25 @@ def test_recipe_inherit_override_and_unknown_keys(tmp_path):
         from seechat.modes import resolve_modes
 
         resolve_modes("finetune", {"llm": {"mode": "lora8"}})
+
+
+def test_image_boundary_tokens_wrap_every_image(experts, tiny_vqa):
+    from seechat.data import encode_prompt, read_llava_records, tokenize_conversation
+    from seechat.llm import load_tokenizer
+
+    plain = load_tokenizer({"name_or_path": experts["llama"]})
+    wrapped = load_tokenizer({"name_or_path": experts["llama"], "image_boundary_tokens": True})
+    start, end, image = (wrapped.convert_tokens_to_ids(t) for t in ("<im_start>", "<im_end>", "<image>"))
+    sample = next(r for r in read_llava_records(tiny_vqa["train"]).records if r["id"] == "two-images")
+    from seechat.data import normalize_sample
+
+    sample = normalize_sample(sample, 0)
+    ids = tokenize_conversation(sample, wrapped, num_image_tokens=5)["input_ids"]
+    runs = [i for i, t in enumerate(ids) if t == start]
+    assert len(runs) == 2
+    for i in runs:
+        assert ids[i + 1 : i + 6] == [image] * 5 and ids[i + 6] == end
+    assert len(ids) == len(tokenize_conversation(sample, plain, num_image_tokens=5)["input_ids"]) + 4
+    prompt = encode_prompt(sample["conversations"][:1], wrapped, num_image_tokens=5)
+    assert prompt.count(start) == prompt.count(end) == 2 and start not in encode_prompt(
+        sample["conversations"][:1], plain, num_image_tokens=5)

@@ -74,18 +74,35 @@ def _count_markers(conversations: Sequence[Mapping[str, str]], image_token: str)
     return sum(turn["value"].count(image_token) for turn in conversations)
 
 
+IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
+
+
+def boundary_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int] | None:
+    """Ids of the image boundary tokens when the tokenizer has them. `seechat.llm` adds them
+    only when the recipe sets `llm.image_boundary_tokens`, and a saved model's tokenizer keeps
+    them, so the tokenizer is the one record of whether images are wrapped."""
+    vocab = tokenizer.get_added_vocab()  # small, unlike get_vocab(): this runs per sample
+    if IMAGE_START in vocab and IMAGE_END in vocab:
+        return vocab[IMAGE_START], vocab[IMAGE_END]
+    return None
+
+
 def _expand_images(
-    ids: Sequence[int], labels: Sequence[int], image_id: int, num_image_tokens: int
+    ids: Sequence[int], labels: Sequence[int], image_id: int, num_image_tokens: int,
+    boundary: tuple[int, int] | None = None,
 ) -> tuple[list[int], list[int], int]:
-    """ids/labels with every image id repeated `num_image_tokens` times, and the position just
-    after the last image run (0 without images)."""
+    """ids/labels with every image id repeated `num_image_tokens` times (wrapped in `boundary`
+    tokens if given), and the position just after the last image run (0 without images)."""
     out_ids: list[int] = []
     out_labels: list[int] = []
     last_image_end = 0
     for token, label in zip(ids, labels):
         if token == image_id:
-            out_ids.extend([image_id] * num_image_tokens)
-            out_labels.extend([IGNORE_INDEX] * num_image_tokens)
+            run = [image_id] * num_image_tokens
+            if boundary:
+                run = [boundary[0], *run, boundary[1]]
+            out_ids.extend(run)
+            out_labels.extend([IGNORE_INDEX] * len(run))
             last_image_end = len(out_ids)
         else:
             out_ids.append(token)
@@ -153,7 +170,8 @@ def _encode(
     labels = [token if keep and token != image_id else IGNORE_INDEX for token, keep in zip(ids, mask)]
     _check_image_count(sample_id, ids.count(image_id), _count_markers(conversations, image_token),
                        sample.get("images"), image_token)
-    input_ids, labels, last_image_end = _expand_images(ids, labels, image_id, num_image_tokens)
+    input_ids, labels, last_image_end = _expand_images(ids, labels, image_id, num_image_tokens,
+                                                       boundary_ids(tokenizer))
 
     if all(label == IGNORE_INDEX for label in labels):
         raise SampleError(sample_id, "has no supervised token (are the assistant turns empty?)")
@@ -189,5 +207,6 @@ def encode_prompt(
     last_human = max(i for i, turn in enumerate(conversations) if turn["from"] == "human")
     _check_image_count(None, ids.count(image_id), _count_markers(conversations[: last_human + 1], image_token),
                        None, image_token)
-    input_ids, _, _ = _expand_images(ids, [IGNORE_INDEX] * len(ids), image_id, num_image_tokens)
+    input_ids, _, _ = _expand_images(ids, [IGNORE_INDEX] * len(ids), image_id, num_image_tokens,
+                                     boundary_ids(tokenizer))
     return input_ids

@@ -5,9 +5,11 @@ counterpart was, at toy scale:
   tokenizer  byte-level BPE on the training questions and answers, ChatML template
   vision     a CLIP ViT trained with CLIP's contrastive (InfoNCE) loss against captions made
              from the training answers ("red shape", "circle"); each image is scored against
-             every distinct caption, so images sharing a caption are not pushed apart
-  llm        a Qwen2-architecture decoder trained with next-token loss on the training
-             conversations as text (no images)
+             every distinct caption, so images sharing a caption are not pushed apart; random
+             flips and shifts stand in for the variety of a web-scale image set
+  llm        a Qwen2-architecture chat LM trained on the training questions with each image
+             replaced by its caption words ("blue circle\nis there a red shape?" -> "no"): it
+             learns the task's reasoning over text, as a real LLM brings it
 The experts are saved with `save_pretrained`, and the recipes load them by path exactly as they
 would load `openai/clip-vit-large-patch14-336` or `lmsys/vicuna-7b-v1.5`.
 """
@@ -92,6 +94,19 @@ def build_tokenizer(pairs: list[tuple[str, str, str]], out: Path, vocab_size: in
     return tokenizer
 
 
+def _augment(images: torch.Tensor, generator: torch.Generator, shift: int = 6) -> torch.Tensor:
+    """Per image: a random horizontal flip and a shift of up to `shift` pixels (edges
+    replicated). Color and shape survive both (triangles stay upright, as in the data); the
+    ViT, which has no built-in translation invariance, sees 3,800 images in many positions."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+    flip = torch.randint(0, 2, (n,), generator=generator).tolist()
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    return torch.where(torch.tensor(flip, dtype=torch.bool)[:, None, None, None], out.flip(3), out)
+
+
 class _BagOfWordsText(nn.Module):
     """The text tower of the contrastive pretraining: mean of word embeddings + projection."""
 
@@ -116,6 +131,8 @@ def build_vision(
     hidden_size: int = 128,
     layers: int = 4,
     patch_size: int = 8,
+    lr: float = 1e-3,
+    augment: bool = True,
     seed: int = 0,
 ) -> CLIPVisionModel:
     torch.manual_seed(seed)
@@ -141,9 +158,9 @@ def build_vision(
                 len(images), int((color_target >= 0).sum()), int((shape_target >= 0).sum()))
 
     params = [*tower.parameters(), *visual_proj.parameters(), *text.parameters(), logit_scale]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(len(images) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     start, step = time.time(), 0
     for epoch in range(epochs):
@@ -151,7 +168,8 @@ def build_vision(
         for i in range(0, len(images), batch_size):
             idx = order[i : i + batch_size]
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                emb = F.normalize(visual_proj(tower(pixel_values=pixels[idx]).pooler_output), dim=-1)
+                batch = _augment(pixels[idx], generator) if augment else pixels[idx]
+                emb = F.normalize(visual_proj(tower(pixel_values=batch).pooler_output), dim=-1)
                 loss = 0.0
                 for caps, target in ((color_caps, color_target[idx]), (shape_caps, shape_target[idx])):
                     txt = F.normalize(text(caps), dim=-1)
@@ -174,19 +192,31 @@ def build_vision(
     return tower
 
 
-def build_llm(train_samples: list[dict], tokenizer, out: Path, epochs: int = 1, batch_size: int = 32,
-              hidden_size: int = 256, layers: int = 4, heads: int = 4, seed: int = 0):
+def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str, str]], tokenizer, out: Path,
+              epochs: int = 1, batch_size: int = 64, hidden_size: int = 192, layers: int = 4, heads: int = 3,
+              seed: int = 0):
+    """The LM learns the task's language with each image replaced by its caption words
+    ("blue circle\nis there a red shape?" -> "no"), i.e. to reason over text the way a real
+    LLM already can. Stitching then has to map images to what those words mean to it (the
+    align stage), not to teach it yes/no logic from pixels."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
         tiny_llm_config("qwen2", len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads),
         attn_implementation="eager",  # faster than SDPA for tiny models on CPU
     )
-    texts = []
-    for s in train_samples:
-        messages = [{"role": "user" if t["from"] == "human" else "assistant",
-                     "content": t["value"].replace("<image>\n", "")} for t in s["conversations"]]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    encoded = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    texts: list[tuple[str, str]] = []
+    for image, question, answer in pairs:
+        known = attributes.get(image, {})
+        caption = " ".join(known[k] for k in ("color", "shape") if k in known)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{caption}\n{question}"}],
+                                               tokenize=False, add_generation_prompt=True)
+        texts.append((prompt, f"{answer}{tokenizer.eos_token}"))
+    # Loss on the answer and its end token only, as in chat finetuning.
+    encoded, prompt_lengths = [], []
+    for prompt, reply in texts:
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        encoded.append(torch.tensor(p_ids + tokenizer(reply, add_special_tokens=False)["input_ids"]))
+        prompt_lengths.append(len(p_ids))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     steps = epochs * math.ceil(len(encoded) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
@@ -196,10 +226,13 @@ def build_llm(train_samples: list[dict], tokenizer, out: Path, epochs: int = 1, 
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
-            rows = [encoded[j] for j in order[i : i + batch_size]]
+            batch = order[i : i + batch_size]
+            rows = [encoded[j] for j in batch]
             ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
-            mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
-            labels = ids.masked_fill(mask == 0, -100)
+            positions = torch.arange(ids.shape[1])[None]
+            mask = (positions < torch.tensor([len(r) for r in rows])[:, None]).long()
+            answer = positions >= torch.tensor([prompt_lengths[j] for j in batch])[:, None]
+            labels = ids.masked_fill((mask == 0) | ~answer, -100)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
@@ -213,14 +246,16 @@ def build_llm(train_samples: list[dict], tokenizer, out: Path, epochs: int = 1, 
     return model
 
 
-def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = 6, llm_epochs: int = 1,
+def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
                   max_train_samples: int | None = None) -> dict[str, str]:
-    """Train the three experts on `data_dir/train_multiturn.json`; returns their directories."""
+    """Train the three experts on the training split (`train_multiturn.json`: every training
+    question once, grouped by image); returns their directories."""
     data, out = Path(data_dir), Path(out_dir)
     samples = json.loads((data / "train_multiturn.json").read_text())[:max_train_samples]
     pairs = _qa_pairs(samples)
     paths = {k: out / k for k in ("tokenizer", "vision", "llm")}
     tokenizer = build_tokenizer(pairs, paths["tokenizer"])
-    build_vision(samples, data, image_attributes(pairs), paths["vision"], epochs=vision_epochs, seed=seed)
-    build_llm(samples, tokenizer, paths["llm"], epochs=llm_epochs, seed=seed)
+    attributes = image_attributes(pairs)
+    build_vision(samples, data, attributes, paths["vision"], epochs=vision_epochs, seed=seed)
+    build_llm(pairs, attributes, tokenizer, paths["llm"], epochs=llm_epochs, seed=seed)
     return {k: str(v) for k, v in paths.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -102,6 +103,7 @@ def write_report(result: dict, examples: list[dict], path: Path = RUN_DIR / "rep
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m seechat.demo", description=__doc__)
     parser.add_argument("--reuse-experts", action="store_true", help="keep runs/demo/experts if present")
     parser.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test questions")
