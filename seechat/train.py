@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
@@ -106,6 +107,9 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     """Train per `recipe`; returns a summary (final dir, steps, last loss, samples/s, skipped)."""
     tcfg, dcfg = recipe["train"], recipe["data"]
     out = Path(recipe["output_dir"])
+    # accelerate keeps its state in a process-wide singleton; runs in one process (the demo's
+    # align then finetune, a notebook, tests) may differ in mixed precision, so start afresh.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=tcfg["grad_accum"],
         mixed_precision=tcfg["mixed_precision"] or "no",

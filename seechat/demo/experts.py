@@ -71,7 +71,8 @@ def image_attributes(pairs: list[tuple[str, str, str]]) -> dict[str, dict[str, s
             for kind, vocab in (("color", COLORS), ("shape", SHAPES)):
                 for word in vocab:
                     if word in words:
-                        ((answer == "yes") != negated and present or absent)[image][kind].add(word)
+                        seen = present if (answer == "yes") != negated else absent
+                        seen[image][kind].add(word)
     attributes: dict[str, dict[str, str]] = {}
     for image in set(present) | set(absent):
         known = {}
