@@ -46,22 +46,8 @@ def _chat(args: argparse.Namespace) -> int:
     model = load(args.model)
     questions = [args.question] if args.question else iter(lambda: input("you> "), "")
     for question in questions:
-        print(model_answer(model, args.image, question, args.max_new_tokens))
+        print(model.chat(question, args.image, args.max_new_tokens))
     return 0
-
-
-def model_answer(model, image: str | None, question: str, max_new_tokens: int = 64) -> str:
-    """One-turn answer to `question` about `image` (or text only)."""
-    import torch
-
-    from .data import encode_prompt, load_image
-
-    text = f"<image>\n{question}" if image else question
-    ids = encode_prompt([{"from": "human", "value": text}], model.tokenizer, model.num_image_tokens)
-    pixels = model.encoder.transform(load_image(image)).unsqueeze(0) if image else None
-    out = model.generate(torch.tensor([ids]), pixel_values=pixels,
-                         num_images=torch.tensor([1 if image else 0]), max_new_tokens=max_new_tokens)
-    return model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

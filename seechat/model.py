@@ -130,6 +130,17 @@ class SeeChatVLM(nn.Module):
         return CausalLMOutputWithPast(loss=loss)
 
     # ------------------------------------------------------------------ generation
+    def chat(self, question: str, image=None, max_new_tokens: int = 64) -> str:
+        """One-turn greedy answer to `question` about `image` (a path or PIL image; None: text only)."""
+        from .data import encode_prompt, load_image
+
+        text = f"{IMAGE_TOKEN}\n{question}" if image is not None else question
+        ids = encode_prompt([{"from": "human", "value": text}], self.tokenizer, self.num_image_tokens)
+        pixels = None if image is None else self.encoder.transform(load_image(image)).unsqueeze(0).to(self.device)
+        out = self.generate(torch.tensor([ids], device=self.device), pixel_values=pixels,
+                            num_images=torch.tensor([0 if image is None else 1]), max_new_tokens=max_new_tokens)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
     @torch.no_grad()
     def generate(
         self,

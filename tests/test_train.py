@@ -153,3 +153,18 @@ def test_image_boundary_tokens_wrap_every_image(experts, tiny_vqa):
     prompt = encode_prompt(sample["conversations"][:1], wrapped, num_image_tokens=5)
     assert prompt.count(start) == prompt.count(end) == 2 and start not in encode_prompt(
         sample["conversations"][:1], plain, num_image_tokens=5)
+
+
+def test_chat_answers_from_a_saved_model(experts, tiny_vqa, tmp_path):
+    summary = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "run"), "train.max_steps=1"))
+    model = load(summary["final"])
+    image = Path(tiny_vqa["root"]) / "images" / "0.png"
+    answer = model.chat("What color is the shape?", str(image), max_new_tokens=4)
+    pixels = model.encoder.transform(__import__("PIL.Image").Image.open(image).convert("RGB"))[None]
+    from seechat.data import encode_prompt
+
+    ids = encode_prompt([{"from": "human", "value": "<image>\nWhat color is the shape?"}], model.tokenizer,
+                        model.num_image_tokens)
+    tokens = model.generate(torch.tensor([ids]), pixel_values=pixels, num_images=torch.tensor([1]), max_new_tokens=4)
+    assert answer == model.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+    assert isinstance(model.chat("Name a color.", max_new_tokens=3), str)
