@@ -86,9 +86,13 @@ def _param_groups(model: SeeChatVLM, recipe: dict) -> tuple[list[dict], dict[str
     return groups, lrs
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    """`checkpoint-<step>` directories, oldest first."""
+    return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [p for p in ckpts if (p / STATE).is_file()]  # a half-written one has no state file
+    ckpts = [p for p in _checkpoints(out) if (p / STATE).is_file()]  # a half-written one has no state file
     return ckpts[-1] if ckpts else None
 
 
@@ -276,7 +280,6 @@ def _save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-keep] if keep else []:
+        for old in _checkpoints(out)[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
