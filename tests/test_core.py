@@ -10,7 +10,7 @@ import torch
 
 from conftest import image_batch, model_config
 from seechat import build_model, load
-from seechat.adapters import ResamplerAdapter, sincos_2d
+from seechat.adapters import MLPAdapter, ResamplerAdapter, sincos_2d
 from seechat.registry import build_adapter, build_encoder
 
 ALIGN = {"encoder": "frozen", "adapter": "full", "llm": "frozen"}
@@ -118,6 +118,32 @@ def test_resampler_always_emits_256_tokens(n_patches):
     out = adapter(torch.randn(2, n_patches, 48))
     assert out.shape == (2, 256, 64)
     assert adapter.num_tokens(n_patches) == 256
+
+
+@pytest.mark.parametrize("cls", [0, 1])
+def test_pixel_shuffle_folds_each_2x2_block_into_one_token(cls):
+    # A 4x4 grid whose patch (r, c) holds the number 10*r + c, so every output row can be read.
+    grid = torch.tensor([[10.0 * r + c for c in range(4)] for r in range(4)]).reshape(1, 16, 1)
+    features = torch.cat([torch.full((1, cls, 1), -1.0), grid], dim=1)
+    adapter = MLPAdapter(in_dim=1, out_dim=8, projector="linear", pixel_shuffle=2)
+    assert adapter.num_tokens(16 + cls) == 4 + cls
+    folded = adapter.shuffle(features)[0, :, :].tolist()
+    blocks = [[0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]]
+    assert folded == [[-1.0] * 4] * cls + [[float(v) for v in b] for b in blocks]
+    assert adapter(features).shape == (1, 4 + cls, 8)
+    with pytest.raises(ValueError, match="pixel_shuffle=2 needs a square patch grid.*gives 10 tokens"):
+        adapter.num_tokens(10)
+    with pytest.raises(ValueError, match="pixel_shuffle=3 needs.*gives 16 tokens"):
+        MLPAdapter(in_dim=1, out_dim=8, pixel_shuffle=3).num_tokens(16)
+
+
+def test_pixel_shuffle_from_a_recipe_sets_the_image_token_count(experts):
+    config = model_config(experts, "hf", "mlp", "llama")
+    config["adapter"]["pixel_shuffle"] = 2
+    model = build_model(config, ALIGN)
+    assert model.encoder.num_patches == 16 and model.num_image_tokens == 4
+    batch = image_batch(model)
+    assert torch.isfinite(model(**batch).loss)
 
 
 def test_resampler_position_table_matches_closed_form():
