@@ -81,7 +81,8 @@ def evaluate(
         collate_fn=VLMCollator(model.tokenizer.pad_token_id, padding_side="left"),
         num_workers=num_workers,
     )
-    index = {s["id"]: i for i, s in enumerate(dataset.samples)}
+    # The loader keeps the records' order, so a row's position (not its id, which a file may
+    # repeat) finds its sample.
     correct, rows = 0, []
     device = model.device
     for batch in tqdm(loader, desc="eval", leave=False):
@@ -94,7 +95,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
         )
         for sample_id, tokens in zip(batch["ids"], out):
-            i = index[sample_id]
+            i = len(rows)
             prompt, answer = dataset.question_and_answer(i)
             prediction = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             hit = normalize_answer(prediction) == normalize_answer(answer)

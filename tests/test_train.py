@@ -104,6 +104,17 @@ def test_finetune_from_align_and_evaluate(experts, tiny_vqa, tmp_path):
     assert result["n"] == len(rows) == 24
     assert result["correct"] == sum(r["correct"] for r in rows)
     assert all(r["answer"] in ("red", "blue", "green") for r in rows)
+    # Rows follow the file, also when ids repeat.
+    records = json.loads(Path(tiny_vqa["test"]).read_text())
+    for r in records[1::2]:
+        r["id"] = "same"
+    duplicated = tmp_path / "duplicated.json"
+    duplicated.write_text(json.dumps(records))
+    evaluate_file(model, str(duplicated), image_root=tiny_vqa["root"], batch_size=5,
+                  predictions_path=tmp_path / "dup.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "dup.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [r["conversations"][-1]["value"] for r in records]
+    assert [r["question"] for r in rows] == [r["conversations"][-2]["value"].replace("<image>", "").strip() for r in records]
 
 
 def test_answer_normalisation():
