@@ -21,6 +21,12 @@ def assemble(model_cfg: dict[str, Any], modes: dict[str, str]) -> SeeChatVLM:
     encoder = build_encoder(cfg["encoder"])
     llm = load_llm(cfg["llm"], tokenizer, quantize_4bit=modes["llm"] == "qlora")
     adapter = build_adapter(cfg["adapter"], encoder.hidden_size, hidden_size(llm))
+    if adapter.needs_square_grid and encoder.grid[0] != encoder.grid[1]:
+        raise ValueError(
+            f"adapter type {cfg['adapter'].get('type')!r} (as configured) needs a square patch grid; "
+            f"encoder {cfg['encoder'].get('name')!r} gives {encoder.grid[0]}x{encoder.grid[1]} patches"
+        )
+    adapter.num_tokens(encoder.num_patches)  # a grid the adapter cannot read fails here, not mid-run
     return SeeChatVLM(cfg, encoder, adapter, llm, tokenizer)
 
 

@@ -96,6 +96,8 @@ def evaluate(
         )
         for sample_id, tokens in zip(batch["ids"], out):
             i = len(rows)
+            if dataset.samples[i]["id"] != sample_id:
+                raise RuntimeError(f"evaluation row {i} is sample {sample_id!r}, expected {dataset.samples[i]['id']!r}")
             prompt, answer = dataset.question_and_answer(i)
             prediction = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             hit = normalize_answer(prediction) == normalize_answer(answer)

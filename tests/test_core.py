@@ -135,6 +135,8 @@ def test_pixel_shuffle_folds_each_2x2_block_into_one_token(cls):
         adapter.num_tokens(10)
     with pytest.raises(ValueError, match="pixel_shuffle=3 needs.*gives 16 tokens"):
         MLPAdapter(in_dim=1, out_dim=8, pixel_shuffle=3).num_tokens(16)
+    with pytest.raises(ValueError, match="gives 1 tokens"):  # a lone token is no grid (with or without CLS)
+        adapter.num_tokens(1)
 
 
 def test_pixel_shuffle_from_a_recipe_sets_the_image_token_count(experts):
@@ -144,6 +146,19 @@ def test_pixel_shuffle_from_a_recipe_sets_the_image_token_count(experts):
     assert model.encoder.num_patches == 16 and model.num_image_tokens == 4
     batch = image_batch(model)
     assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.mark.parametrize("adapter, extra, error", [
+    ("mlp", {"pixel_shuffle": 3}, "pixel_shuffle=3 needs a square patch grid whose side it divides"),
+    ("resampler", {}, "the resampler needs a square patch grid, got 17 patches"),
+])
+def test_an_unreadable_patch_grid_fails_when_the_model_is_built(experts, adapter, extra, error):
+    config = model_config(experts, "hf", adapter, "llama")
+    config["adapter"].update(extra)
+    if adapter == "resampler":
+        config["encoder"]["keep_cls"] = True  # 4x4 patches + CLS
+    with pytest.raises(ValueError, match=error):
+        build_model(config, ALIGN)
 
 
 def test_resampler_position_table_matches_closed_form():

@@ -107,3 +107,15 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
     assert "Test exact match" in text and Path("runs/demo/report.md").is_file()
     for expert in ("tokenizer", "vision", "llm"):
         assert Path("runs/demo/experts", expert).is_dir()
+    # The experts record how they were made; only the same settings reuse them.
+    from seechat.demo.experts import EXPERTS_VERSION
+    from seechat.demo.pipeline import ensure_default_inputs
+
+    settings = {"max_train_samples": 40, "vision_epochs": 1, "llm_epochs": 1}
+    marker = json.loads(Path("runs/demo/experts/experts.json").read_text())
+    assert marker == {"version": EXPERTS_VERSION, "seed": 0, **settings}
+    assert ensure_default_inputs(**settings) == 0.0
+    marker["version"] -= 1  # experts from an older seechat are rebuilt
+    Path("runs/demo/experts/experts.json").write_text(json.dumps(marker))
+    assert ensure_default_inputs(**settings) > 0.0
+    assert json.loads(Path("runs/demo/experts/experts.json").read_text())["version"] == EXPERTS_VERSION

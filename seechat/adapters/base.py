@@ -8,6 +8,10 @@ from torch import nn
 
 
 class Adapter(nn.Module):
+    # True when the adapter reads the patches as a square grid (positions, neighbourhoods);
+    # the model builder then rejects encoders with a rectangular grid.
+    needs_square_grid: bool = False
+
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.in_dim = in_dim

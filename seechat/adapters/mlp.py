@@ -42,11 +42,15 @@ class MLPAdapter(Adapter):
             layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         self.proj = nn.Sequential(*layers)
 
+    @property
+    def needs_square_grid(self) -> bool:
+        return self.pixel_shuffle > 1
+
     def _grid(self, n_patches: int) -> tuple[int, int]:
         """(side of the square patch grid, 1 if a CLS token leads else 0)."""
         for extra in (0, 1):
             side = math.isqrt(n_patches - extra)
-            if side * side == n_patches - extra and side % self.pixel_shuffle == 0:
+            if side >= self.pixel_shuffle and side * side == n_patches - extra and side % self.pixel_shuffle == 0:
                 return side, extra
         raise ValueError(
             f"adapter.pixel_shuffle={self.pixel_shuffle} needs a square patch grid whose side it divides "

@@ -66,16 +66,24 @@ class ResamplerAdapter(Adapter):
         self.proj = nn.Linear(dim, out_dim)
         self.register_buffer("pos_embed", sincos_2d(dim, grid_size, grid_size), persistent=False)
 
+    needs_square_grid = True
+
     def num_tokens(self, n_patches: int) -> int:
+        self._side(n_patches)
         return self.grid_size * self.grid_size
 
-    def key_positions(self, n_patches: int) -> torch.Tensor:
+    @staticmethod
+    def _side(n_patches: int) -> int:
         side = math.isqrt(n_patches)
         if side * side != n_patches:
             raise ValueError(
                 f"the resampler needs a square patch grid, got {n_patches} patches "
                 "(set encoder.keep_cls: false so the CLS token is dropped)"
             )
+        return side
+
+    def key_positions(self, n_patches: int) -> torch.Tensor:
+        side = self._side(n_patches)
         if side == self.grid_size:
             return self.pos_embed
         grid = self.pos_embed.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)

@@ -40,6 +40,10 @@ from ..tiny import tiny_llm_config, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
+# Bump when the way experts are made changes, so that runs/demo/experts made by an older
+# version are rebuilt instead of reused (2: the LM's init std 0.02 -> 0.1).
+EXPERTS_VERSION = 2
+
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 IMAGE_SIZE = 64
@@ -250,11 +254,22 @@ def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str,
     return model
 
 
+MARKER = "experts.json"
+
+
+def expert_settings(seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
+                    max_train_samples: int | None = None) -> dict:
+    """What `experts.json` records: experts made with other settings are not reused."""
+    return {"version": EXPERTS_VERSION, "seed": seed, "vision_epochs": vision_epochs,
+            "llm_epochs": llm_epochs, "max_train_samples": max_train_samples}
+
+
 def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
                   max_train_samples: int | None = None) -> dict[str, str]:
     """Train the three experts on the training split (`train_multiturn.json`: every training
     question once, grouped by image); returns their directories."""
     data, out = Path(data_dir), Path(out_dir)
+    (out / MARKER).unlink(missing_ok=True)
     samples = json.loads((data / "train_multiturn.json").read_text())[:max_train_samples]
     pairs = _qa_pairs(samples)
     paths = {k: out / k for k in ("tokenizer", "vision", "llm")}
@@ -262,4 +277,7 @@ def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int
     attributes = image_attributes(pairs)
     build_vision(samples, data, attributes, paths["vision"], epochs=vision_epochs, seed=seed)
     build_llm(pairs, attributes, tokenizer, paths["llm"], epochs=llm_epochs, seed=seed)
+    settings = expert_settings(seed=seed, vision_epochs=vision_epochs, llm_epochs=llm_epochs,
+                               max_train_samples=max_train_samples)
+    (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")  # written last: marks them complete
     return {k: str(v) for k, v in paths.items()}

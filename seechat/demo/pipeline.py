@@ -35,10 +35,11 @@ def prepare_data(data_dir: Path = DATA_DIR) -> None:
 
 def ensure_default_inputs(fresh: bool = False, **expert_kwargs: Any) -> float:
     """Data and tiny experts the default recipes point at; returns seconds spent training experts."""
-    from .experts import build_experts
+    from .experts import MARKER, build_experts, expert_settings
 
     prepare_data()
-    if not fresh and all((EXPERTS_DIR / p).is_dir() for p in ("tokenizer", "vision", "llm")):
+    marker = EXPERTS_DIR / MARKER
+    if not fresh and marker.is_file() and json.loads(marker.read_text()) == expert_settings(**expert_kwargs):
         return 0.0
     start = time.time()
     build_experts(str(DATA_DIR), str(EXPERTS_DIR), **expert_kwargs)

@@ -15,11 +15,13 @@ from torchvision import transforms as T
 
 class VisionEncoder(nn.Module):
     """Base class. Subclasses set `tower` (the wrapped module whose parameters train or freeze),
-    `hidden_size`, `image_size`, `num_patches` and implement `forward`."""
+    `hidden_size`, `image_size`, `grid` (patch rows, columns), `num_patches` (rows * columns, plus
+    one when a kept CLS token leads) and implement `forward`."""
 
     tower: nn.Module
     hidden_size: int
     image_size: int
+    grid: tuple[int, int]
     num_patches: int
 
     def __init__(self, feature_layer: int = -2, keep_cls: bool = False):

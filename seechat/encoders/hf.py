@@ -64,6 +64,7 @@ class HFVisionEncoder(VisionEncoder):
         self.hidden_size = cfg.hidden_size
         self.image_size = cfg.image_size
         grid = cfg.image_size // cfg.patch_size
+        self.grid = (grid, grid)
         self.num_patches = grid * grid + (1 if self.has_cls and keep_cls else 0)
         self.layer_index = self._check_layer(cfg.num_hidden_layers)
         mean, std = _normalisation(name if pretrained else None, self.has_cls)

@@ -52,6 +52,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         grid_h, grid_w = visual.grid_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.hidden_size = visual.transformer.width
+        self.grid = (grid_h, grid_w)
         self.num_patches = grid_h * grid_w + (1 if keep_cls else 0)
         self.layer_index = self._check_layer(len(visual.transformer.resblocks))
         pp = getattr(visual, "preprocess_cfg", {}) or {}
