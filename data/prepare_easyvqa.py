@@ -17,10 +17,12 @@ Writes (idempotent; the folder is git-ignored):
                                  the model settles on instead of looking at the image.
   test.json                      the official test split (9,673 questions), never trained on
   answers.json                   the answer vocabulary
+  prepared_by.json               the sha256 of this script (the demo re-prepares when it changes)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
@@ -66,7 +68,7 @@ def balanced(samples: list[dict], seed: int, passes: int = 2) -> list[dict]:
     out = []
     for _ in range(passes):
         draw = list(groups[(None, None)])
-        for family in {f for f, _ in groups if f}:
+        for family in sorted({f for f, _ in groups if f}):  # sorted: set order varies per process
             yes, no = groups[(family, "yes")], groups[(family, "no")]
             n = min(len(yes), len(no))
             draw += rng.sample(yes, n) + rng.sample(no, n)
@@ -105,6 +107,10 @@ def multiturn(samples: list[dict], seed: int, turns: int = TURNS_PER_SAMPLE) -> 
     return out
 
 
+def script_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def prepare(out: Path, seed: int = 0) -> dict[str, int]:
     import easy_vqa
 
@@ -126,6 +132,9 @@ def prepare(out: Path, seed: int = 0) -> dict[str, int]:
              "answers.json": sorted(easy_vqa.get_answers())}
     for name, content in files.items():
         (out / name).write_text(json.dumps(content))
+    # Written last: which version of this script made the files (the demo re-prepares when the
+    # script has changed since, rather than train on files an older version wrote).
+    (out / "prepared_by.json").write_text(json.dumps({"script_sha256": script_digest(), "seed": seed}))
     return {name: len(content) for name, content in files.items()}
 
 

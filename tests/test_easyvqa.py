@@ -119,3 +119,17 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
     Path("runs/demo/experts/experts.json").write_text(json.dumps(marker))
     assert ensure_default_inputs(**settings) > 0.0
     assert json.loads(Path("runs/demo/experts/experts.json").read_text())["version"] == EXPERTS_VERSION
+
+
+def test_data_prepared_by_an_older_script_is_prepared_again(easyvqa, tmp_path):
+    from seechat.demo.pipeline import prepare_data
+
+    marker = json.loads((easyvqa / "prepared_by.json").read_text())
+    assert marker == {"script_sha256": prepare_easyvqa.script_digest(), "seed": 0}
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "prepared_by.json").write_text(json.dumps({"script_sha256": "0" * 64, "seed": 0}))
+    (stale / "train_balanced.json").write_text("[]")
+    prepare_data(stale)
+    assert json.loads((stale / "prepared_by.json").read_text()) == marker
+    assert _load(stale, "train_balanced.json") == _load(easyvqa, "train_balanced.json")

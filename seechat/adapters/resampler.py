@@ -42,6 +42,8 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 
 class ResamplerAdapter(Adapter):
+    needs_square_grid = True
+
     def __init__(
         self,
         in_dim: int,
@@ -65,8 +67,6 @@ class ResamplerAdapter(Adapter):
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim)
         self.register_buffer("pos_embed", sincos_2d(dim, grid_size, grid_size), persistent=False)
-
-    needs_square_grid = True
 
     def num_tokens(self, n_patches: int) -> int:
         self._side(n_patches)

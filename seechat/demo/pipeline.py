@@ -8,6 +8,7 @@ exactly like the real recipes do with downloaded experts. The test split is neve
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -27,10 +28,14 @@ FINETUNE_RECIPE = REPO_ROOT / "recipes" / "easyvqa_finetune.yaml"
 
 
 def prepare_data(data_dir: Path = DATA_DIR) -> None:
-    if (data_dir / "test.json").is_file() and (data_dir / "train_multiturn.json").is_file():
-        return
-    subprocess.run([sys.executable, str(REPO_ROOT / "data" / "prepare_easyvqa.py"), "--out", str(data_dir)],
-                   check=True)
+    """Run data/prepare_easyvqa.py unless `data_dir` holds what its current version writes."""
+    script = REPO_ROOT / "data" / "prepare_easyvqa.py"
+    marker = data_dir / "prepared_by.json"
+    if marker.is_file():
+        digest = hashlib.sha256(script.read_bytes()).hexdigest()
+        if json.loads(marker.read_text()).get("script_sha256") == digest:
+            return
+    subprocess.run([sys.executable, str(script), "--out", str(data_dir)], check=True)
 
 
 def ensure_default_inputs(fresh: bool = False, **expert_kwargs: Any) -> float:
