@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
+from seechat.demo.experts import COLORS, SHAPES
 from seechat.demo.pipeline import RUN_DIR, run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results" / "easyvqa.json"
-COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
-SHAPES = {"circle", "rectangle", "triangle"}
 
 
 def question_type(row: dict) -> str:
