@@ -88,7 +88,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_ratio": 0.03,
         "min_lr_ratio": 0.0,
         "max_grad_norm": 1.0,
-        "mixed_precision": "bf16",
+        "mixed_precision": "auto",  # auto: bf16 where the hardware has bf16 units (precision.py)
         "log_every": 10,
         "save_every": None,
         "save_total_limit": 2,

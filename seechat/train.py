@@ -29,6 +29,7 @@ from .config import dump_recipe
 from .data import LengthGroupedSampler, VLMCollator, VLMDataset, load_hf_dataset, read_llava_records
 from .model import SeeChatVLM
 from .modes import MODULES, parameter_table, resolve_modes
+from .precision import resolve_mixed_precision
 from .saving import load
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=tcfg["grad_accum"],
-        mixed_precision=tcfg["mixed_precision"] or "no",
+        mixed_precision=resolve_mixed_precision(tcfg["mixed_precision"]),
         log_with=tcfg["trackers"] or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

@@ -36,6 +36,7 @@ from transformers import (
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..encoders.base import clip_style_transform
+from ..precision import autocast_dtype, cpu_autocast, resolve_mixed_precision
 from ..tiny import tiny_llm_config, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def build_vision(
     lr: float = 1e-3,
     augment: bool = True,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> CLIPVisionModel:
+    """`dtype`: autocast dtype (None: fp32)."""
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
@@ -172,7 +175,7 @@ def build_vision(
         order = torch.randperm(len(images), generator=generator)
         for i in range(0, len(images), batch_size):
             idx = order[i : i + batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with cpu_autocast(dtype):
                 batch = _augment(pixels[idx], generator) if augment else pixels[idx]
                 emb = F.normalize(visual_proj(tower(pixel_values=batch).pooler_output), dim=-1)
                 loss = 0.0
@@ -199,7 +202,7 @@ def build_vision(
 
 def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str, str]], tokenizer, out: Path,
               epochs: int = 1, batch_size: int = 64, hidden_size: int = 192, layers: int = 4, heads: int = 3,
-              init_std: float = 0.1, seed: int = 0):
+              init_std: float = 0.1, seed: int = 0, dtype: torch.dtype | None = None):
     """The LM learns the task's language with each image replaced by its caption words
     ("blue circle\nis there a red shape?" -> "no"), i.e. to reason over text the way a real
     LLM already can. Stitching then has to map images to what those words mean to it (the
@@ -241,7 +244,7 @@ def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str,
             mask = (positions < torch.tensor([len(r) for r in rows])[:, None]).long()
             answer = positions >= torch.tensor([prompt_lengths[j] for j in batch])[:, None]
             labels = ids.masked_fill((mask == 0) | ~answer, -100)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with cpu_autocast(dtype):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             opt.step()
@@ -258,14 +261,15 @@ MARKER = "experts.json"
 
 
 def expert_settings(seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
-                    max_train_samples: int | None = None) -> dict:
+                    max_train_samples: int | None = None, mixed_precision: str = "auto") -> dict:
     """What `experts.json` records: experts made with other settings are not reused."""
     return {"version": EXPERTS_VERSION, "seed": seed, "vision_epochs": vision_epochs,
-            "llm_epochs": llm_epochs, "max_train_samples": max_train_samples}
+            "llm_epochs": llm_epochs, "max_train_samples": max_train_samples,
+            "mixed_precision": resolve_mixed_precision(mixed_precision)}
 
 
 def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
-                  max_train_samples: int | None = None) -> dict[str, str]:
+                  max_train_samples: int | None = None, mixed_precision: str = "auto") -> dict[str, str]:
     """Train the three experts on the training split (`train_multiturn.json`: every training
     question once, grouped by image); returns their directories."""
     data, out = Path(data_dir), Path(out_dir)
@@ -275,9 +279,10 @@ def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int
     paths = {k: out / k for k in ("tokenizer", "vision", "llm")}
     tokenizer = build_tokenizer(pairs, paths["tokenizer"])
     attributes = image_attributes(pairs)
-    build_vision(samples, data, attributes, paths["vision"], epochs=vision_epochs, seed=seed)
-    build_llm(pairs, attributes, tokenizer, paths["llm"], epochs=llm_epochs, seed=seed)
+    dtype = autocast_dtype(mixed_precision)
+    build_vision(samples, data, attributes, paths["vision"], epochs=vision_epochs, seed=seed, dtype=dtype)
+    build_llm(pairs, attributes, tokenizer, paths["llm"], epochs=llm_epochs, seed=seed, dtype=dtype)
     settings = expert_settings(seed=seed, vision_epochs=vision_epochs, llm_epochs=llm_epochs,
-                               max_train_samples=max_train_samples)
+                               max_train_samples=max_train_samples, mixed_precision=mixed_precision)
     (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")  # written last: marks them complete
     return {k: str(v) for k, v in paths.items()}
