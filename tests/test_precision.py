@@ -1,0 +1,33 @@
+"""`train.mixed_precision: auto` picks bf16 only where the hardware has bf16 units."""
+import pytest
+import torch
+
+from seechat import precision
+
+
+@pytest.mark.parametrize("fast, expected", [(True, "bf16"), (False, "no")])
+def test_auto_follows_cpu_bf16_support(monkeypatch, fast, expected):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)
+    assert precision.resolve_mixed_precision("auto", device="cpu") == expected
+    assert precision.autocast_dtype("auto") == (torch.bfloat16 if fast else None)
+
+
+def test_explicit_values_pass_through_and_bad_ones_are_named():
+    assert precision.resolve_mixed_precision("bf16") == "bf16"
+    assert precision.resolve_mixed_precision(None) == "no"
+    with pytest.raises(ValueError, match=r"'bf61'.*auto, no, bf16, fp16"):
+        precision.resolve_mixed_precision("bf61")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
+    fake = tmp_path / "cpuinfo"
+    monkeypatch.setattr(precision, "Path", lambda _: fake)
+    precision.cpu_has_fast_bf16.cache_clear()
+    try:
+        fake.write_text("flags\t: fpu avx avx2 fma\n")
+        assert precision.cpu_has_fast_bf16() is False
+        precision.cpu_has_fast_bf16.cache_clear()
+        fake.write_text("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+        assert precision.cpu_has_fast_bf16() is True
+    finally:
+        precision.cpu_has_fast_bf16.cache_clear()
