@@ -88,14 +88,14 @@ def test_attributes_inferred_from_yes_no_agree_with_what_answers(easyvqa):
 
 
 def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
-    from seechat.demo.pipeline import run_pipeline, write_report
+    from seechat.demo.pipeline import question_type, run_seed, write_report
 
     monkeypatch.chdir(tmp_path)
     os.makedirs("data/generated")
     os.symlink(easyvqa, "data/generated/easyvqa")
-    result = run_pipeline(
-        ["train.max_steps=2", "data.max_samples=64", "data.num_workers=0", "train.trackers=[]",
-         "train.batch_size=8"],
+    result = run_seed(
+        0, ["train.max_steps=2", "data.max_samples=64", "data.num_workers=0", "train.trackers=[]",
+            "train.batch_size=8"],
         fresh=True, eval_samples=24,
         expert_kwargs={"max_train_samples": 40, "vision_epochs": 1, "llm_epochs": 1},
     )
@@ -103,6 +103,12 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
     assert result["align"]["steps"] == result["finetune"]["steps"] == 2
     rows = [json.loads(x) for x in Path("runs/demo/predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["images"][0].startswith("images/test/") for r in rows)
+    # the per-type breakdown counts every evaluated question once
+    by_type = {}
+    for row in rows:
+        by_type.setdefault(question_type(row), []).append(row["correct"])
+    assert result["accuracy_by_type"] == {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+    assert set(by_type) <= {"color", "shape", "yes/no", "yes/no negated"}
     text = write_report(result, rows[:3])
     assert "Test exact match" in text and Path("runs/demo/report.md").is_file()
     for expert in ("tokenizer", "vision", "llm"):
@@ -110,10 +116,12 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
     # The experts record how they were made; only the same settings reuse them.
     from seechat.demo.experts import EXPERTS_VERSION
     from seechat.demo.pipeline import ensure_default_inputs
+    from seechat.precision import resolve_mixed_precision
 
     settings = {"max_train_samples": 40, "vision_epochs": 1, "llm_epochs": 1}
     marker = json.loads(Path("runs/demo/experts/experts.json").read_text())
-    assert marker == {"version": EXPERTS_VERSION, "seed": 0, **settings}
+    assert marker == {"version": EXPERTS_VERSION, "seed": 0, **settings,
+                      "mixed_precision": resolve_mixed_precision("auto")}
     assert ensure_default_inputs(**settings) == 0.0
     marker["version"] -= 1  # experts from an older seechat are rebuilt
     Path("runs/demo/experts/experts.json").write_text(json.dumps(marker))

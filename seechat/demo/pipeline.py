@@ -87,7 +87,12 @@ def write_report(result: dict, examples: list[dict], path: Path = RUN_DIR / "rep
     lines = [
         "# seechat demo: easy-VQA",
         "",
-        f"Test exact match: **{test['accuracy']:.2%}** ({test['correct']}/{test['n']} questions)",
+        f"Test exact match: **{test['accuracy']:.2%}** ({test['correct']}/{test['n']} questions), "
+        f"seed {result.get('seed', 0)}, mixed precision: {result.get('mixed_precision', '?')}",
+        "",
+        "| question type | accuracy |",
+        "|---|---|",
+        *[f"| {k} | {v:.2%} |" for k, v in result.get("accuracy_by_type", {}).items()],
         "",
         "| stage | seconds |",
         "|---|---|",
@@ -108,15 +113,48 @@ def write_report(result: dict, examples: list[dict], path: Path = RUN_DIR / "rep
     return text
 
 
+def question_type(row: dict) -> str:
+    """easy-VQA's four question kinds, for the per-type breakdown."""
+    from .experts import COLORS, SHAPES
+
+    if row["answer"] in COLORS:
+        return "color"
+    if row["answer"] in SHAPES:
+        return "shape"
+    words = row["question"].rstrip("?").split()
+    return "yes/no negated" if "not" in words or "no" in words else "yes/no"
+
+
+def run_seed(seed: int = 0, overrides: Sequence[str] = (), fresh: bool = True,
+             eval_samples: int | None = None, expert_kwargs: dict | None = None) -> dict[str, Any]:
+    """The demo for one seed (experts and both recipes): what `make demo` runs with seed 0 and
+    `benchmarks/easyvqa.py` runs for each of its seeds. Adds the per-type accuracy."""
+    from ..precision import resolve_mixed_precision
+
+    result = run_pipeline([*overrides, f"seed={seed}"], fresh=fresh, eval_samples=eval_samples,
+                          expert_kwargs={**(expert_kwargs or {}), "seed": seed})
+    rows = [json.loads(x) for x in (RUN_DIR / "predictions.jsonl").read_text().splitlines()]
+    total: dict[str, int] = {}
+    correct: dict[str, int] = {}
+    for row in rows:
+        kind = question_type(row)
+        total[kind] = total.get(kind, 0) + 1
+        correct[kind] = correct.get(kind, 0) + row["correct"]
+    result["seed"] = seed
+    result["accuracy_by_type"] = {k: correct[k] / total[k] for k in sorted(total)}
+    result["mixed_precision"] = resolve_mixed_precision(load_recipe(ALIGN_RECIPE, list(overrides))["train"]["mixed_precision"])
+    result["examples"] = random.Random(0).sample(rows, min(8, len(rows)))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m seechat.demo", description=__doc__)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the experts and of both recipes")
     parser.add_argument("--reuse-experts", action="store_true", help="keep runs/demo/experts if present")
     parser.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test questions")
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides for both stages")
     args = parser.parse_args(argv)
-    result = run_pipeline(args.overrides, fresh=not args.reuse_experts, eval_samples=args.eval_samples)
-    rows = [json.loads(x) for x in (RUN_DIR / "predictions.jsonl").read_text().splitlines()]
-    examples = random.Random(0).sample(rows, min(8, len(rows)))
-    print(write_report(result, examples))
+    result = run_seed(args.seed, args.overrides, fresh=not args.reuse_experts, eval_samples=args.eval_samples)
+    print(write_report(result, result["examples"]))
     return 0
