@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -17,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .adapters import Adapter
 from .encoders import VisionEncoder
 from .llm import IMAGE_TOKEN
+from .loss import chunked_head_loss
 
 IGNORE_INDEX = -100
 
@@ -125,8 +125,8 @@ class SeeChatVLM(nn.Module):
         keep = targets != IGNORE_INDEX
         if not keep.any():  # nothing supervised: a zero that still has a graph
             return CausalLMOutputWithPast(loss=hidden.sum() * 0.0)
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep])
+        # Chunked: the [n_supervised, V] logits never exist at once (see seechat/loss.py).
+        loss = chunked_head_loss(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep])
         return CausalLMOutputWithPast(loss=loss)
 
     # ------------------------------------------------------------------ generation
