@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
             "feature_layer": -2,
             "keep_cls": False,
             "dtype": None,
+            "trust_remote_code": None,  # hf backend: run the repo's own code (false unless set)
             "mode": None,
             "lr": None,
             "lora": None,

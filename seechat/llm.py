@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from .data.tokenization import IMAGE_START, IMAGE_END
+from .pretrained import from_pretrained
 from .tiny import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def load_tokenizer(cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
     source = cfg.get("tokenizer") or cfg.get("name_or_path")
     if not source:
         raise ValueError("llm.tokenizer or llm.name_or_path must name a tokenizer (Hub id or path)")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.get("trust_remote_code", False))
+    key = "model.llm.tokenizer" if cfg.get("tokenizer") else "model.llm.name_or_path"
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, key, cfg.get("trust_remote_code", False))
     if cfg.get("chat_template"):
         # A name of a built-in template (chatml, llama2, vicuna) or a Jinja template string.
         tokenizer.chat_template = CHAT_TEMPLATES.get(cfg["chat_template"], cfg["chat_template"])
@@ -73,9 +75,8 @@ def load_llm(
             kwargs["device_map"] = cfg.get("device_map") or _default_device()
         if cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = cfg["attn_implementation"]
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg["name_or_path"], trust_remote_code=cfg.get("trust_remote_code", False), **kwargs
-        )
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, cfg["name_or_path"], "model.llm.name_or_path",
+                                cfg.get("trust_remote_code", False), **kwargs)
     elif cfg.get("config"):
         if quantize_4bit:
             raise ValueError("llm.mode=qlora needs llm.name_or_path (4-bit loading quantises saved weights)")

@@ -19,6 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from .build import assemble
+from .llm import hidden_size
 from .model import SeeChatVLM
 from .modes import apply_modes, lora_config
 
@@ -76,6 +77,23 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
     os.replace(tmp, final)
 
 
+def _load_adapter(model: SeeChatVLM, path: Path) -> None:
+    """The saved adapter weights into `model.adapter`, with an error that says which expert no
+    longer fits (e.g. the encoder a frozen reference points to was swapped for another width)."""
+    saved = load_file(path)
+    expected = model.adapter.state_dict()
+    wrong = [f"{name}: saved {tuple(saved[name].shape)}, needed {tuple(tensor.shape)}"
+             for name, tensor in expected.items() if name in saved and saved[name].shape != tensor.shape]
+    if wrong:
+        raise ValueError(
+            f"{path} does not fit this model's adapter: the encoder gives {model.encoder.hidden_size}-wide "
+            f"features and the LLM takes {hidden_size(model.base_llm)}-wide embeddings, but "
+            + "; ".join(wrong[:3])
+            + ". Were the encoder or LLM the saved model refers to replaced by ones of another width?"
+        )
+    model.adapter.load_state_dict(saved)
+
+
 def load(
     directory: str | os.PathLike,
     trainable: bool = False,
@@ -109,7 +127,7 @@ def load(
     model = assemble(build_cfg, modes)
     model.config = cfg  # keep the original references, not this directory's paths
 
-    model.adapter.load_state_dict(load_file(root / stored["adapter"]))
+    _load_adapter(model, root / stored["adapter"])
     tower = model.encoder.tower
     if "encoder" in stored:
         tower.load_state_dict(load_file(root / stored["encoder"]))

@@ -7,11 +7,15 @@ and a bad sample costs one item, not the run. An item is
     {"id": str, "input_ids": LongTensor[L], "labels": LongTensor[L],
      "pixel_values": FloatTensor[num_images, 3, H, W] or None (text-only), "num_images": int}
 
+(with a feature cache, "image_features" [num_images, N_patches, D] replaces the pixels)
+
 or, for a sample that is skipped, `{"id": str, "skipped": reason}`, which `VLMCollator`
 leaves out of the batch and reports.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
@@ -67,6 +71,7 @@ class SampleEncoder:
         self.truncation = truncation
         self.on_error = on_error
         self.image_root = image_root
+        self.feature_cache = None  # a FeatureCache: items carry "image_features", not pixels
 
     def _skip(self, sample_id: str, reason: str) -> dict[str, str]:
         logger.warning("skipping sample %r: %s", sample_id, reason)
@@ -86,8 +91,15 @@ class SampleEncoder:
                 if self.truncation == "drop":
                     return self._skip(sample["id"], err.problem)
                 raise
-            images = [load_image(image, self.image_root, sample["id"]) for image in sample["images"]]
-            pixel_values = torch.stack([self.image_transform(image) for image in images]) if images else None
+            features = None
+            if self.feature_cache is not None and sample["images"]:
+                # Stored encoder outputs instead of pixels (seechat/data/feature_cache.py).
+                images = sample["images"]
+                features = torch.stack([self._cached_features(image, sample["id"]) for image in images])
+                pixel_values = None
+            else:
+                images = [load_image(image, self.image_root, sample["id"]) for image in sample["images"]]
+                pixel_values = torch.stack([self.image_transform(image) for image in images]) if images else None
         except SampleError as original:
             err = original
             if err.file is None and source is not None:
@@ -101,7 +113,17 @@ class SampleEncoder:
             "labels": torch.tensor(encoded["labels"], dtype=torch.long),
             "pixel_values": pixel_values,
             "num_images": len(images),
+            **({"image_features": features} if features is not None else {}),
         }
+
+    def _cached_features(self, image: Any, sample_id: str) -> torch.Tensor:
+        from seechat.data.feature_cache import load_features
+
+        try:
+            return load_features(self.feature_cache, image, self.image_root)
+        except (OSError, KeyError):
+            load_image(image, self.image_root, sample_id)  # an unreadable image: its SampleError
+            raise
 
     def estimate_length(self, conversations: Any, num_images: int = 0) -> int:
         """A cheap token-count estimate for length grouping; 0 for unusable records."""
@@ -119,6 +141,29 @@ def _raw_image_count(raw: Mapping[str, Any]) -> int:
     if value is None:
         return 0
     return len(value) if isinstance(value, (list, tuple)) else 1
+
+
+def conflicting_ids(samples: Sequence[Any], sources: Sequence[str] | None = None) -> dict[int, int]:
+    """`{index: index of the first record with that id}` for every record whose id was already
+    used by a record with different content. Exact copies are not conflicts: repeating a sample
+    under its id is how a data file oversamples it (easy-VQA's balanced split does)."""
+    first_by_id: dict[str, tuple[int, str]] = {}
+    conflicts: dict[int, int] = {}
+    for index, raw in enumerate(samples):
+        if not isinstance(raw, Mapping) or raw.get("id") is None:
+            continue
+        try:
+            # A short hash, not the text: 665K records must not cost their size again in memory.
+            text = json.dumps(raw, sort_keys=True, default=repr)
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        except (TypeError, ValueError):
+            digest = bytes(str(id(raw)), "ascii")
+        key = str(raw["id"])
+        if key not in first_by_id:
+            first_by_id[key] = (index, digest)
+        elif first_by_id[key][1] != digest:
+            conflicts[index] = first_by_id[key][0]
+    return conflicts
 
 
 class VLMDataset(Dataset):
@@ -147,12 +192,36 @@ class VLMDataset(Dataset):
             self.read_skipped = list(samples.skipped)
         else:
             self.samples, self.sources, self.read_skipped = samples, None, []
+        # Checked once, up front: with on_error="raise" a conflict stops the run before step one.
+        self.conflicts = conflicting_ids(self.samples, self.sources) if isinstance(self.samples, list) else {}
+        if self.conflicts and on_error == "raise":
+            index, first = next(iter(self.conflicts.items()))
+            raise SampleError(
+                str(self.samples[index]["id"]),
+                f"{len(self.conflicts)} record(s) reuse the id of a different record (this one, at "
+                f"{self._where(index)}, differs from the one at {self._where(first)}); give each sample "
+                "its own id, or set data.on_error=skip to skip the later copies",
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def use_feature_cache(self, cache: Any) -> None:
+        """Serve cached encoder features (`image_features`) instead of pixels; see
+        seechat/data/feature_cache.py (fill the cache first)."""
+        self.encoder.feature_cache = cache
+
+    def _where(self, index: int) -> str:
+        return self.sources[index] if self.sources is not None else f"position {index}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         source = self.sources[index] if self.sources is not None else None
+        if index in self.conflicts:
+            first = self.conflicts[index]
+            return self.encoder._skip(
+                f"{self.samples[index]['id']}@{self._where(index)}",
+                f"id already used by a different record at {self._where(first)}",
+            )
         return self.encoder(self.samples[index], index, source)
 
     def lengths(self) -> list[int]:

@@ -42,12 +42,31 @@ def _check_on_error(on_error: str) -> None:
 
 
 def _is_json_list(path: Path) -> bool:
-    # A .json file may still be JSON Lines; the first non-blank character tells them apart.
-    with path.open("r", encoding="utf-8") as f:
-        while True:
-            char = f.read(1)
-            if not char or not char.isspace():
-                return char == "["
+    # A .json file may still be JSON Lines; the first non-blank byte tells them apart. Bytes,
+    # not text: a file that is not UTF-8 must fail later with its line number, not here.
+    with path.open("rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
+        while head:
+            stripped = head.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+            head = f.read(4096)
+    return False
+
+
+def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
+    """`data` as text; a byte sequence that is not UTF-8 raises `SampleError` naming the file
+    and line (readers would otherwise stop with a bare UnicodeDecodeError and no location)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data[: err.start].count(b"\n")
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        bad = data[err.start : err.end].hex(" ")
+        raise SampleError(
+            f"{path}:{line}", f"line {line} is not UTF-8 text (bytes {bad} at column {column}); "
+            "re-encode the file as UTF-8", file=str(path),
+        ) from err
 
 
 def iter_llava_records(
@@ -55,7 +74,7 @@ def iter_llava_records(
 ) -> Iterator[tuple[str, dict]]:
     """Yield `(source, record)` for each record of a LLaVA-style JSON list or JSONL file.
 
-    A malformed JSONL line (bad JSON, or not an object) raises `SampleError` naming the file
+    A malformed JSONL line (bad JSON, not UTF-8, or not an object) raises `SampleError` naming the file
     and line; with on_error="skip" it is logged and appended to `skipped` as
     `(f"{path}:{lineno}", reason)` instead. A malformed JSON list cannot be read past the
     error, so it always raises."""
@@ -64,9 +83,9 @@ def iter_llava_records(
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if _is_json_list(path):
+        text = _decode_utf8(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), path)
         try:
-            with path.open("r", encoding="utf-8") as f:
-                records = json.load(f)
+            records = json.loads(text)
         except json.JSONDecodeError as err:
             raise SampleError(
                 f"{path}:{err.lineno}", f"malformed JSON: {err.msg} (column {err.colno})", file=str(path)
@@ -79,17 +98,21 @@ def iter_llava_records(
             yield str(path), record
         return
 
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for lineno, raw_line in enumerate(f, start=1):
+            if lineno == 1:
+                raw_line = raw_line.removeprefix(b"\xef\xbb\xbf")
+            if not raw_line.strip():
                 continue
             location = f"{path}:{lineno}"
             try:
+                # One line that is not UTF-8 is one bad record, like a line of bad JSON.
+                line = _decode_utf8(raw_line, path, lineno)
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError(f"line holds a {type(record).__name__}, not a JSON object")
-            except ValueError as err:  # json.JSONDecodeError is a ValueError
-                problem = f"malformed JSONL line {lineno}: {err}"
+            except ValueError as err:  # json.JSONDecodeError and SampleError are ValueErrors
+                problem = err.problem if isinstance(err, SampleError) else f"malformed JSONL line {lineno}: {err}"
                 if on_error == "raise":
                     raise SampleError(location, problem, file=str(path)) from err
                 logger.warning("skipping %s: %s", location, problem)

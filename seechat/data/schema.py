@@ -12,6 +12,7 @@ instead of as a shape mismatch deep inside the model.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 ROLES = ("human", "gpt", "system")
@@ -51,7 +52,21 @@ def _image_list(raw: Mapping[str, Any], sample_id: str) -> list[Any]:
     for image in images:
         if image is None or (isinstance(image, str) and not image.strip()):
             raise SampleError(sample_id, f"has an empty image entry in {images!r}")
+        if not _is_image_entry(image):
+            raise SampleError(
+                sample_id, f"image entry {image!r} is a {type(image).__name__}; expected a path string, "
+                "a PIL image or a {'bytes': ..., 'path': ...} dict",
+            )
     return images
+
+
+def _is_image_entry(image: Any) -> bool:
+    if isinstance(image, (str, os.PathLike)):
+        return True
+    if isinstance(image, Mapping):
+        return image.get("bytes") is not None or bool(image.get("path"))
+    # PIL is imported lazily by the image loader; recognise its images without importing it.
+    return type(image).__module__.startswith("PIL.")
 
 
 def _turns(raw: Mapping[str, Any], sample_id: str) -> list[dict[str, str]]:
@@ -74,6 +89,11 @@ def _turns(raw: Mapping[str, Any], sample_id: str) -> list[dict[str, str]]:
         turns.append({"from": role, "value": value})
     if not any(turn["from"] == "gpt" for turn in turns):
         raise SampleError(sample_id, "has no 'gpt' turn, so nothing would be trained on")
+    first = next(turn for turn in turns if turn["from"] != "system")
+    if first["from"] != "human":
+        # An answer to no question: chat templates differ on whether they even render it, and
+        # LLaVA's loader silently drops such a turn. Refuse it so the data gets fixed.
+        raise SampleError(sample_id, "the first turn (after any system turn) is from 'gpt'; it must be from 'human'")
     return turns
 
 
@@ -83,7 +103,10 @@ def normalize_sample(raw: Mapping[str, Any], index: int, image_token: str = "<im
     cannot be used. `raw` is not modified."""
     if not isinstance(raw, Mapping):
         raise SampleError(str(index), f"record is {type(raw).__name__}, not a dict")
-    sample_id = str(raw["id"]) if raw.get("id") is not None else str(index)
+    raw_id = raw.get("id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
+        raise SampleError(str(index), f"'id' is a {type(raw_id).__name__} ({raw_id!r}); expected a string or an integer")
+    sample_id = str(raw_id) if raw_id is not None else str(index)
     images = _image_list(raw, sample_id)
     turns = _turns(raw, sample_id)
 

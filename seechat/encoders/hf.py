@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ..pretrained import from_pretrained
 from .base import VisionEncoder, clip_style_transform
 
 # model_type -> (config class for random init, model class). Composite configs ("clip",
@@ -40,19 +41,22 @@ class HFVisionEncoder(VisionEncoder):
         feature_layer: int = -2,
         keep_cls: bool = False,
         dtype: str | None = None,
+        trust_remote_code: bool | None = False,
     ):
         super().__init__(feature_layer, keep_cls)
         if pretrained:
             if not name:
                 raise ValueError("encoder.name is required when encoder.pretrained is true")
-            model_type = AutoConfig.from_pretrained(name).model_type
+            key, remote = "model.encoder.name", bool(trust_remote_code)
+            model_type = from_pretrained(AutoConfig.from_pretrained, name, key, remote).model_type
             if model_type not in _TOWERS:
                 raise ValueError(
                     f"encoder {name!r} has model_type {model_type!r}; the hf backend supports "
                     f"{sorted(_TOWERS)}"
                 )
             model_cls = _TOWERS[model_type][1]
-            self.tower = model_cls.from_pretrained(name, dtype=_dtype(dtype), **(config or {}))
+            self.tower = from_pretrained(model_cls.from_pretrained, name, key, remote, dtype=_dtype(dtype),
+                                         **(config or {}))
         else:
             arch = arch or "clip"
             if arch not in ("clip", "siglip"):
