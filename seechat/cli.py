@@ -50,6 +50,22 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_llava_hf
+
+    out = export_llava_hf(args.model, args.out)
+    print(f"exported {args.model} to {out} ({args.to}); load it with LlavaForConditionalGeneration + AutoProcessor")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_model
+
+    out = merge_model(args.model, args.out)
+    print(f"merged LoRA of {args.model} into a standalone checkpoint at {out}")
+    return 0
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML (default: the easy-VQA align recipe)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -81,6 +97,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--question", default=None, help="one question (default: interactive)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("export", help="export a saved model to another format (llava-hf: transformers' Llava)")
+    p.add_argument("--model", required=True, help="saved seechat model directory")
+    p.add_argument("--to", required=True, choices=["llava-hf"], help="target format")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("merge", help="merge LoRA weights into a standalone checkpoint")
+    p.add_argument("--model", required=True, help="saved seechat model directory")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=_merge)
 
     args = parser.parse_args(argv)
     return args.func(args)

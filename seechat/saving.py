@@ -41,8 +41,10 @@ def _tensors(module, lora: bool) -> dict:
     }
 
 
-def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
-    """Write the model to `directory` (replaced atomically: written beside it, then renamed)."""
+def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike, standalone: bool = False) -> None:
+    """Write the model to `directory` (replaced atomically: written beside it, then renamed).
+    `standalone=True` stores every module's weights instead of references to frozen experts
+    (what `seechat merge` writes: a checkpoint that needs nothing else)."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -53,7 +55,7 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
     save_file(_tensors(model.adapter, lora=False), tmp / "adapter.safetensors")
 
     tower = model.encoder.tower
-    if modes["encoder"] == "full" or not _has_reference(cfg["encoder"], "encoder"):
+    if standalone or modes["encoder"] == "full" or not _has_reference(cfg["encoder"], "encoder"):
         save_file(_tensors(tower, lora=False), tmp / "encoder.safetensors")
         stored["encoder"] = "encoder.safetensors"
         stored["encoder_config"] = model.encoder.offline_config()
@@ -61,7 +63,7 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
         save_file(_tensors(tower, lora=True), tmp / "encoder_lora.safetensors")
         stored["encoder_lora"] = "encoder_lora.safetensors"
 
-    llm_in_full = modes["llm"] == "full" or not _has_reference(cfg["llm"], "llm")
+    llm_in_full = standalone or modes["llm"] == "full" or not _has_reference(cfg["llm"], "llm")
     if llm_in_full:
         model.base_llm.save_pretrained(tmp / "llm")  # (a LoRA wrapper's base, adapter saved apart)
         stored["llm"] = "llm"
@@ -75,6 +77,14 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def saved_modes(directory: str | os.PathLike) -> dict[str, str]:
+    """The per-module modes a saved model was trained with (from its seechat.json)."""
+    meta_path = Path(directory) / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved seechat model: {META} is missing")
+    return dict(json.loads(meta_path.read_text())["modes"])
 
 
 def _load_adapter(model: SeeChatVLM, path: Path) -> None:

@@ -1,0 +1,73 @@
+"""LoRA merging: fold every LoRA update into its base weights, giving a plain model.
+
+`merge_lora(model)` works in place on a loaded SeeChatVLM: the LLM's peft wrapper goes through
+peft's own `merge_and_unload`; LoRA layers injected into the vision tower (which has no peft
+wrapper) are merged layer by layer with peft's layer API. `merge_model(dir, out)` is what
+`seechat merge` runs: load, merge, save a standalone checkpoint that refers to nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .model import SeeChatVLM
+
+logger = logging.getLogger(__name__)
+
+
+def merge_tower_lora(module: nn.Module) -> int:
+    """Merge and remove LoRA layers injected (`inject_adapter_in_model`) into `module`;
+    returns how many layers were merged."""
+    # Outermost tuner layers only: their lora_A/lora_B children go with them.
+    names = [name for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    for name in outer:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        layer = getattr(parent, child)
+        if isinstance(parent, nn.MultiheadAttention):
+            # MultiheadAttention reads out_proj.weight directly and never calls out_proj's
+            # forward, so a LoRA wrapper there (what "all-linear" puts on open_clip towers)
+            # never acted; merging it would change the model. Drop it unmerged.
+            logger.warning("LoRA on %s.%s never ran (inside nn.MultiheadAttention): dropped, not merged",
+                           parent_name, child)
+            setattr(parent, child, layer.get_base_layer())
+            continue
+        if hasattr(layer, "unload_and_optionally_merge_module"):  # e.g. nn.MultiheadAttention
+            base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+        else:
+            layer.merge(safe_merge=True)
+            base = layer.get_base_layer()
+        setattr(parent, child, base)
+    return len(outer)
+
+
+def merge_lora(model: SeeChatVLM) -> SeeChatVLM:
+    """Fold the LLM's and the encoder's LoRA weights into their base weights, in place. Modes
+    that were lora/qlora become frozen: the merged model has no LoRA left to train."""
+    if model.llm_is_peft:
+        model.llm = model.llm.merge_and_unload(safe_merge=True)
+    merge_tower_lora(model.encoder.tower)
+    for module, mode in model.modes.items():
+        if mode in ("lora", "qlora"):
+            model.modes[module] = "frozen"
+            model.config.get(module, {})["mode"] = "frozen"
+    return model
+
+
+def merge_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Load the saved model at `model_dir`, merge its LoRA weights and write a standalone
+    checkpoint (every module's weights stored, no references to Hub experts) to `out_dir`."""
+    from .saving import load, save_pretrained, saved_modes
+
+    modes = saved_modes(model_dir)
+    # A QLoRA LM merges into a full-precision base: loading it in 4 bits would bake the
+    # quantisation error into the merged weights.
+    model = load(model_dir, modes={m: ("lora" if v == "qlora" else v) for m, v in modes.items()})
+    merge_lora(model)
+    save_pretrained(model, out_dir, standalone=True)
+    return Path(out_dir)
