@@ -76,7 +76,9 @@ DEFAULTS: dict[str, Any] = {
         "on_error": "raise",  # bad sample: raise | skip
         "max_samples": None,
         "num_workers": 2,
-        "group_by_length": False,
+        "group_by_length": None,  # None: on for finetune, off for align (seechat/data/sampler.py)
+        "packing": False,  # several samples per row, attention kept per sample (data/packing.py)
+        "feature_cache": "off",  # off | auto | <dir>: frozen-encoder features (data/feature_cache.py)
     },
     "train": {
         "epochs": 1,

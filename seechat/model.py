@@ -77,13 +77,16 @@ class SeeChatVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         num_images: torch.Tensor | None = None,
         sample_ids: Sequence[str] | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by adapted image embeddings."""
+        """Token embeddings with the image placeholders replaced by adapted image embeddings.
+        `image_features` (encoder outputs, e.g. from the feature cache) replace `pixel_values`."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         per_sample = is_image.sum(dim=1)
         n_tokens = self.num_image_tokens
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        images = image_features if image_features is not None else pixel_values
+        n_images = 0 if images is None else images.shape[0]
         if num_images is None:  # infer from the placeholders; the total is still checked
             num_images = torch.div(per_sample, n_tokens, rounding_mode="floor")
         num_images = torch.as_tensor(num_images, device=input_ids.device)
@@ -100,7 +103,10 @@ class SeeChatVLM(nn.Module):
             )
         if n_images == 0:
             return embeds
-        image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
+        if image_features is not None:
+            image_embeds = self.adapter(image_features).to(embeds.dtype)
+        else:
+            image_embeds = self.encode_images(pixel_values).to(embeds.dtype)
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.reshape(-1, embeds.shape[-1]))
 
     def forward(
@@ -111,15 +117,20 @@ class SeeChatVLM(nn.Module):
         num_images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         sample_ids: Sequence[str] | None = None,
+        image_features: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """With `labels`: the LM head and loss run only at supervised positions (logits=None).
-        Without: full logits, as from the LM."""
-        embeds = self.embed(input_ids, pixel_values, num_images, sample_ids)
+        Without: full logits, as from the LM. Packed rows (seechat/data/packing.py) pass
+        `position_ids` that restart at 0 per sample and no `attention_mask`: transformers then
+        keeps attention within each sample."""
+        embeds = self.embed(input_ids, pixel_values, num_images, sample_ids, image_features)
         if labels is None:
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
         base = self.base_llm
         hidden = base.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

@@ -27,6 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from .build import build_model
 from .config import dump_recipe
 from .data import LengthGroupedSampler, VLMCollator, VLMDataset, load_hf_dataset, read_llava_records
+from .data.packing import PackingCollator
 from .model import SeeChatVLM
 from .modes import MODULES, parameter_table, resolve_modes
 from .precision import resolve_mixed_precision
@@ -74,6 +75,25 @@ def model_for(recipe: dict) -> SeeChatVLM:
     return build_model(mcfg, modes)
 
 
+def _feature_cache(recipe: dict, model: SeeChatVLM, dataset: VLMDataset, accelerator: Accelerator):
+    """The recipe's frozen-encoder feature cache (data.feature_cache), filled with every image
+    of the training data by the main process; None when off or not applicable."""
+    from .data.feature_cache import image_entries, resolve_feature_cache
+    from .precision import autocast_dtype
+
+    dcfg = recipe["data"]
+    dtype = autocast_dtype(recipe["train"]["mixed_precision"])
+    root = Path(recipe["output_dir"]).parent / ".feature_cache"
+    cache = resolve_feature_cache(dcfg["feature_cache"], model.modes.get("encoder", "frozen"), model.encoder, dtype, root)
+    if cache is None or dcfg["format"] != "llava":  # (HF datasets: images are not files to hash)
+        return None
+    if accelerator.is_main_process:
+        cache.fill(image_entries(dataset.samples), model.encoder.to(accelerator.device), dcfg["image_root"],
+                   batch_size=recipe["train"]["batch_size"], compute_dtype=dtype, on_error=dcfg["on_error"])
+    accelerator.wait_for_everyone()
+    return cache
+
+
 def _param_groups(model: SeeChatVLM, recipe: dict) -> tuple[list[dict], dict[str, float]]:
     groups, lrs = [], {}
     for module in MODULES:
@@ -85,6 +105,19 @@ def _param_groups(model: SeeChatVLM, recipe: dict) -> tuple[list[dict], dict[str
     if not groups:
         raise ValueError("nothing to train: every module is frozen in this stage")
     return groups, lrs
+
+
+def make_optimizer(
+    groups: list[dict], lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters) when every parameter is a float32/bf16/fp16
+    tensor on a CPU or CUDA device: on the CPU the fused step is ~8x faster than the default
+    for-each one (measured: 0.06 vs 0.47 s for 80M parameters, 1 thread), the same update."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for p in params)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -129,8 +162,14 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
 
     model = model_for(recipe)
     dataset = build_dataset(recipe, model, "train")
-    collator = VLMCollator(model.tokenizer.pad_token_id)
-    if dcfg["group_by_length"]:
+    cache = _feature_cache(recipe, model, dataset, accelerator)
+    if cache is not None:
+        dataset.use_feature_cache(cache)
+    collator = PackingCollator(model.tokenizer.pad_token_id) if dcfg["packing"] else VLMCollator(model.tokenizer.pad_token_id)
+    group_by_length = dcfg["group_by_length"]
+    if group_by_length is None:  # the stage default: finetune data varies in length, align data hardly
+        group_by_length = recipe["stage"] == "finetune"
+    if group_by_length:
         sampler = LengthGroupedSampler(dataset.lengths(), tcfg["batch_size"], seed=recipe["seed"])
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(recipe["seed"]))
@@ -144,7 +183,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     )
     groups, lrs = _param_groups(model, recipe)
     accelerator.print(parameter_table(model, lrs))
-    optimizer = torch.optim.AdamW(groups, weight_decay=tcfg["weight_decay"], betas=tuple(tcfg["betas"]))
+    optimizer = make_optimizer(groups, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], betas=tuple(tcfg["betas"]))
 
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / tcfg["grad_accum"])
     total = tcfg["max_steps"] or tcfg["epochs"] * updates_per_epoch
@@ -200,6 +239,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     num_images=batch["num_images"],
                     labels=batch["labels"],
                     sample_ids=batch["ids"],
+                    image_features=batch.get("image_features"),
+                    position_ids=batch.get("position_ids"),
                 ).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg["max_grad_norm"]:

@@ -72,9 +72,11 @@ class VLMCollator:
             batch["labels"] = None
 
         num_images = [int(item.get("num_images", 0)) for item in kept]
-        images = [item["pixel_values"] for item, n in zip(kept, num_images) if n > 0]
+        # Items from a feature cache carry encoder outputs instead of pixels; batched the same way.
+        key = "image_features" if any(item.get("image_features") is not None for item in kept) else "pixel_values"
+        images = [item[key] for item, n in zip(kept, num_images) if n > 0]
         for item, n in zip(kept, num_images):
-            pixels = item.get("pixel_values")
+            pixels = item.get(key)
             rows = 0 if pixels is None else len(pixels)
             if rows != n:
                 raise ValueError(f"item {item['id']!r} says num_images={n} but has {rows} image rows")
@@ -84,7 +86,9 @@ class VLMCollator:
                 f"images of one batch differ in shape {sorted(shapes)}; the image transform must "
                 "resize every image to the encoder's input size"
             )
-        batch["pixel_values"] = torch.cat(images) if images else None
+        batch["pixel_values"] = torch.cat(images) if images and key == "pixel_values" else None
+        if key == "image_features":
+            batch["image_features"] = torch.cat(images)
         batch["num_images"] = torch.tensor(num_images, dtype=torch.long)
         batch["ids"] = [item["id"] for item in kept]
         batch["skipped"] = skipped
