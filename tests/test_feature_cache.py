@@ -1,0 +1,111 @@
+"""Frozen-encoder feature cache: same losses with and without it; invalidation on any change."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from seechat.build import build_model
+from seechat.data.feature_cache import (
+    FeatureCache,
+    encoder_key,
+    image_key,
+    resolve_feature_cache,
+    transform_is_deterministic,
+)
+from seechat.train import run
+
+from conftest import model_config, tiny_recipe
+
+MODES = {"encoder": "frozen", "adapter": "full", "llm": "frozen"}
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+
+def test_training_losses_identical_with_and_without_cache(experts, tiny_vqa, tmp_path):
+    common = ("train.max_steps=null", "train.epochs=2")
+    plain = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "plain"), *common))
+    cache_dir = tmp_path / "cache"
+    cached = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "cached"), *common,
+                             f"data.feature_cache={cache_dir}"))
+    assert plain["steps"] == cached["steps"] == 14  # 26 samples / batch 4 = 7 per epoch
+    assert _losses(tmp_path / "cached") == _losses(tmp_path / "plain")
+    # 24 distinct image files in tiny_vqa (the two-image sample reuses two of them)
+    [key_dir] = cache_dir.iterdir()
+    assert len(json.loads((key_dir / "index.json").read_text())["items"]) == 24
+    # a second run over the same data and encoder computes nothing new
+    model = build_model(model_config(experts, "hf", "mlp", "qwen2"), MODES)
+    cache = FeatureCache(cache_dir, key_dir.name)
+    records = json.loads(open(tiny_vqa["train"]).read())
+    images = [r["image"] for r in records if "image" in r]
+    assert cache.fill(images, model.encoder, tiny_vqa["root"]) == 0
+
+
+def test_cached_features_equal_encoder_output_and_bf16_round_trips(experts, tiny_vqa, tmp_path):
+    model = build_model(model_config(experts), MODES)
+    cache = FeatureCache(tmp_path, encoder_key(model.encoder, None))
+    assert cache.fill(["images/0.png", "images/1.png", "images/0.png"], model.encoder, tiny_vqa["root"]) == 2
+    image = Image.open(f"{tiny_vqa['root']}/images/1.png").convert("RGB")
+    with torch.no_grad():
+        expected = model.encoder(model.encoder.transform(image)[None])[0]
+    assert torch.equal(cache.get(image_key("images/1.png", tiny_vqa["root"])), expected)
+    bf16 = FeatureCache(tmp_path, "bf16")
+    values = torch.randn(2, 5, 3).to(torch.bfloat16)
+    bf16.add(["a", "b"], values)
+    assert FeatureCache(tmp_path, "bf16").get("b").dtype == torch.bfloat16
+    assert torch.equal(FeatureCache(tmp_path, "bf16").get("b"), values[1])
+
+
+def test_changed_image_is_recomputed(experts, tiny_vqa, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_vqa["root"], root)
+    model = build_model(model_config(experts), MODES)
+    cache = FeatureCache(tmp_path / "cache", encoder_key(model.encoder, None))
+    assert cache.fill(["images/0.png", "images/1.png"], model.encoder, root) == 2
+    Image.new("RGB", (32, 32), "black").save(root / "images" / "0.png")  # same path, new content
+    assert cache.fill(["images/0.png", "images/1.png"], model.encoder, root) == 1
+    assert len(cache) == 3
+
+
+def test_encoder_key_changes_with_weights_layer_transform_and_dtype(experts):
+    model = build_model(model_config(experts), MODES)
+    enc = model.encoder
+    base = encoder_key(enc, None)
+    assert encoder_key(enc, None) == base
+    assert encoder_key(enc, torch.bfloat16) != base
+    with torch.no_grad():
+        next(enc.parameters()).view(-1)[0] += 1e-3
+    changed_weights = encoder_key(enc, None)
+    assert changed_weights != base
+    enc.feature_layer = -1
+    assert encoder_key(enc, None) != changed_weights
+    enc.feature_layer = -2
+    enc._transform = T.Compose([T.Resize(40), T.CenterCrop(32), T.ToTensor()])
+    assert encoder_key(enc, None) != changed_weights
+
+
+def test_auto_and_explicit_settings(experts, tmp_path):
+    model = build_model(model_config(experts), MODES)
+    enc = model.encoder
+    assert resolve_feature_cache("off", "frozen", enc, None, tmp_path) is None
+    assert resolve_feature_cache("auto", "frozen", enc, None, tmp_path).dir.parent == tmp_path
+    assert resolve_feature_cache(str(tmp_path / "x"), "frozen", enc, None, tmp_path).dir.parent == tmp_path / "x"
+    assert resolve_feature_cache("auto", "lora", enc, None, tmp_path) is None
+    with pytest.raises(ValueError, match="encoder trains"):
+        resolve_feature_cache(str(tmp_path), "full", enc, None, tmp_path)
+    enc._transform = T.Compose([T.RandomResizedCrop(32), T.ToTensor()])
+    assert not transform_is_deterministic(enc.transform)
+    assert resolve_feature_cache("auto", "frozen", enc, None, tmp_path) is None
+    with pytest.raises(ValueError, match="transform is random"):
+        resolve_feature_cache(str(tmp_path), "frozen", enc, None, tmp_path)
+
+
+def test_missing_key_is_named(tmp_path):
+    with pytest.raises(KeyError, match="not in the feature cache"):
+        FeatureCache(tmp_path, "k").get("0123456789abcdef")
