@@ -41,13 +41,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from .chat import one_shot, repl
     from .saving import load
 
+    if args.question and args.question_flag:
+        raise SystemExit("seechat chat: give the question either positionally or with --question, not both")
+    question = args.question or args.question_flag
     model = load(args.model)
-    questions = [args.question] if args.question else iter(lambda: input("you> "), "")
-    for question in questions:
-        print(model.chat(question, args.image, args.max_new_tokens))
-    return 0
+    if question:
+        one_shot(model, question, args.image, max_new_tokens=args.max_new_tokens)
+        return 0
+    return repl(model, args.image, max_new_tokens=args.max_new_tokens)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -91,10 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--predictions", default=None, help="write predictions.jsonl here")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("chat", help="ask a saved model about an image")
+    p = sub.add_parser("chat", help="ask a saved model about images: one question, or an interactive session")
     p.add_argument("--model", required=True)
-    p.add_argument("--image", default=None)
-    p.add_argument("--question", default=None, help="one question (default: interactive)")
+    p.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    p.add_argument("question", nargs="?", default=None, help="one question (default: interactive session)")
+    p.add_argument("--question", dest="question_flag", default=None, help="the question, as a flag")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_chat)
 

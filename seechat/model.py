@@ -6,7 +6,7 @@ building in `build.py`, saving in `saving.py`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -141,16 +141,36 @@ class SeeChatVLM(nn.Module):
         return CausalLMOutputWithPast(loss=loss)
 
     # ------------------------------------------------------------------ generation
-    def chat(self, question: str, image=None, max_new_tokens: int = 64) -> str:
-        """One-turn greedy answer to `question` about `image` (a path or PIL image; None: text only)."""
-        from .data import encode_prompt, load_image
+    def chat(
+        self,
+        prompt: str,
+        image=None,
+        max_new_tokens: int = 64,
+        *,
+        images: Sequence | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **sampling,
+    ) -> str:
+        """One-turn answer (greedy unless `do_sample=True`) to `prompt` about `images` (paths or
+        PIL images; `image` for one). `on_text` receives the answer as it is generated."""
+        from .conversation import answer, user_text
 
-        text = f"{IMAGE_TOKEN}\n{question}" if image is not None else question
-        ids = encode_prompt([{"from": "human", "value": text}], self.tokenizer, self.num_image_tokens)
-        pixels = None if image is None else self.encoder.transform(load_image(image)).unsqueeze(0).to(self.device)
-        out = self.generate(torch.tensor([ids], device=self.device), pixel_values=pixels,
-                            num_images=torch.tensor([0 if image is None else 1]), max_new_tokens=max_new_tokens)
-        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        images = list(images or []) + ([image] if image is not None else [])
+        turn = {"from": "human", "value": user_text(prompt, len(images))}
+        return answer(self, [turn], images, max_new_tokens, on_text, **sampling)
+
+    def prepare(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None) -> dict:
+        """A left-padded batch of single-turn prompts for `generate(**batch)`; `images[i]` is
+        the list of images of prompt i. See seechat/conversation.py."""
+        from .conversation import prepare
+
+        return prepare(self, prompts, images)
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """`generate`'s output as answer strings."""
+        from .conversation import decode
+
+        return decode(self, tokens)
 
     @torch.no_grad()
     def generate(
@@ -167,9 +187,11 @@ class SeeChatVLM(nn.Module):
         use_cache: bool = True,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Batched greedy / sampling decoding of left-padded prompts. Returns the new tokens
-        [B, <= max_new_tokens], padded with the pad id after each sequence's end token."""
+        [B, <= max_new_tokens], padded with the pad id after each sequence's end token.
+        `on_token` is called with each step's tokens [B] as they are chosen (streaming)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
@@ -199,6 +221,8 @@ class SeeChatVLM(nn.Module):
             token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             new_tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             finished |= torch.isin(token, eos)
             if finished.all():
                 break
