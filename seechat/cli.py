@@ -27,14 +27,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_file
+    from pathlib import Path
+
+    from .evaluate import evaluate_to_dir
     from .saving import load
 
     model = load(args.model)
-    result = evaluate_file(
-        model, args.data, image_root=args.image_root, max_samples=args.max_samples,
+    output_dir = args.output_dir or Path(args.model) / "eval" / Path(args.data).stem
+    result = evaluate_to_dir(
+        model, args.data, output_dir, predictions_path=args.predictions, model_dir=args.model,
+        image_root=args.image_root, max_samples=args.max_samples,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        predictions_path=args.predictions,
     )
     print(json.dumps(result))
     return 0
@@ -70,6 +73,14 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, model_name=args.model_name, image_dir=args.image_dir,
+          max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML (default: the easy-VQA align recipe)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -92,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--predictions", default=None, help="write predictions.jsonl here")
+    p.add_argument("--output-dir", default=None,
+                   help="where predictions.jsonl and summary.json go (default: MODEL/eval/<data file name>)")
+    p.add_argument("--predictions", default=None, help="write predictions.jsonl here instead")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("chat", help="ask a saved model about images: one question, or an interactive session")
@@ -113,6 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="saved seechat model directory")
     p.add_argument("out", help="output directory")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    p.add_argument("--model", required=True, help="saved seechat model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the name clients ask for (default: the directory's name)")
+    p.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
+    p.set_defaults(func=_serve)
 
     args = parser.parse_args(argv)
     return args.func(args)

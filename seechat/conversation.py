@@ -6,6 +6,7 @@ the exported llava-hf chat template renders (see export.py), so both give the sa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -99,14 +100,25 @@ def decode(model: "SeeChatVLM", tokens: torch.Tensor) -> list[str]:
     return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
 
 
-def answer(
+@dataclass
+class Reply:
+    """A generated assistant turn: its text, token counts, and whether it ended on its own
+    (end token) rather than at `max_new_tokens`."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    stopped: bool
+
+
+def reply(
     model: "SeeChatVLM",
     turns: Sequence[dict[str, str]],
     images: Sequence[ImageLike] = (),
     max_new_tokens: int = 64,
     on_text: Callable[[str], None] | None = None,
     **sampling: Any,
-) -> str:
+) -> Reply:
     """The next assistant turn of a conversation; `on_text` receives it piece by piece."""
     ids, pixels = conversation_inputs(model, turns, images)
     device = model.device
@@ -133,7 +145,21 @@ def answer(
         rest = deltas.finish()
         if rest:
             on_text(rest)
-    return text
+    eos = model.tokenizer.eos_token_id
+    stopped = out.shape[1] < max_new_tokens or int(out[0, -1]) == eos
+    return Reply(text, len(ids), out.shape[1], stopped)
+
+
+def answer(
+    model: "SeeChatVLM",
+    turns: Sequence[dict[str, str]],
+    images: Sequence[ImageLike] = (),
+    max_new_tokens: int = 64,
+    on_text: Callable[[str], None] | None = None,
+    **sampling: Any,
+) -> str:
+    """The text of `reply(...)`."""
+    return reply(model, turns, images, max_new_tokens, on_text, **sampling).text
 
 
 class Conversation:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -126,3 +127,32 @@ def evaluate_file(
     if max_samples:
         records = records[:max_samples]
     return evaluate(model, records, image_root=image_root, **kwargs)
+
+
+def evaluate_to_dir(
+    model: SeeChatVLM,
+    path: str,
+    output_dir: str | Path,
+    predictions_path: str | Path | None = None,
+    model_dir: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """`evaluate_file`, writing `predictions.jsonl` (or `predictions_path`) and `summary.json`
+    (accuracy, counts, timing, what was evaluated) to `output_dir`; returns the summary."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = Path(predictions_path) if predictions_path else out / "predictions.jsonl"
+    start = time.time()
+    result = evaluate_file(model, path, predictions_path=predictions, **kwargs)
+    seconds = time.time() - start
+    summary = {
+        **result,
+        "model": model_dir,
+        "data": str(path),
+        "predictions": str(predictions),
+        "seconds": round(seconds, 3),
+        "samples_per_s": result["n"] / seconds if seconds > 0 else None,
+        "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, type(None)))},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -289,6 +289,9 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         accelerator.print(f"skipped samples: {len(all_skipped)}")
     if metrics_file:
         metrics_file.close()
+        from .plots import plot_curves  # loss / lr curves as PNG next to the TensorBoard logs
+
+        plot_curves(out / "metrics.jsonl", out / "logs")
     accelerator.end_training()
     elapsed = time.time() - t0
     return {
