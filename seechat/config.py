@@ -97,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
         "save_total_limit": 2,
         "trackers": ["tensorboard"],
         "stop_after": None,  # stop (as if killed) after this many steps: for resume tests
+        "max_nonfinite_steps": 10,  # NaN/inf loss or gradient: step skipped; this many in a row stop the run
     },
     "eval": {
         "split": "val",

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,11 @@ from .data.packing import PackingCollator
 from .model import SeeChatVLM
 from .modes import MODULES, parameter_table, resolve_modes
 from .precision import resolve_mixed_precision
+from .checkpoint import STATE, latest_checkpoint, remove_stale, save_checkpoint
+from .guard import NonFiniteError, NonFiniteGuard
 from .saving import load
 
 logger = logging.getLogger(__name__)
-STATE = "trainer_state.json"
 
 
 def build_dataset(recipe: dict, model: SeeChatVLM, split: str = "train") -> VLMDataset:
@@ -120,14 +120,7 @@ def make_optimizer(
 
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    """`checkpoint-<step>` directories, oldest first."""
-    return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = [p for p in _checkpoints(out) if (p / STATE).is_file()]  # a half-written one has no state file
-    return ckpts[-1] if ckpts else None
+_latest_checkpoint = latest_checkpoint  # (seechat/checkpoint.py: atomic saves, `latest` pointer)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -196,12 +189,16 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     step, epoch, batches_done, skipped = 0, 0, 0, list(dataset.read_skipped)
+    nonfinite_before = 0
     resumed_rng = None
+    if resume and accelerator.is_main_process:
+        remove_stale(out)  # temp directories of a save that was killed
     if resume and (ckpt := _latest_checkpoint(out)) is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / STATE).read_text())
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
         skipped = [tuple(s) for s in state["skipped"]]
+        nonfinite_before = state.get("nonfinite_steps", 0)
         accelerator.print(f"resumed from {ckpt} at step {step}")
         # Starting a DataLoader iterator draws from the global RNG; the uninterrupted run drew
         # at epoch start, before the checkpoint. Re-apply the checkpoint's RNG state once the
@@ -214,6 +211,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc=recipe["stage"], mininterval=2)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
+    guard = NonFiniteGuard(tcfg["max_nonfinite_steps"])
+    guard.total = nonfinite_before
     seen, t0, last_loss, window = 0, time.time(), float("nan"), []
     stop_after = tcfg.get("stop_after")
     finished = step >= total
@@ -243,20 +242,26 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     position_ids=batch.get("position_ids"),
                 ).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and tcfg["max_grad_norm"]:
-                    accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"])
-                optimizer.step()
-                scheduler.step()
+                finite = True
+                if accelerator.sync_gradients:
+                    # max_norm=inf measures without clipping: the guard needs the norm either way.
+                    norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"] or math.inf)
+                    finite = guard.is_finite(accelerator, [*window, loss.detach()], norm)
+                if finite:  # a NaN/inf update is not applied: zero_grad below drops it
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
             window.append(loss.detach().float())
             seen += batch["input_ids"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            stop_message = guard.update(finite, step)
             last_loss = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
             window = []
             rate = seen / max(time.time() - t0, 1e-9)
-            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
+            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                      **({"nonfinite_steps": guard.total} if guard.total else {})}
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
             if metrics_file and (step % tcfg["log_every"] == 0 or step == total):
@@ -264,8 +269,14 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                 metrics_file.flush()
                 if tcfg["trackers"]:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            if tcfg["save_every"] and step % tcfg["save_every"] == 0:
-                _save_checkpoint(accelerator, out, step, epoch, batches_done, skipped, tcfg["save_total_limit"])
+            if stop_message or (tcfg["save_every"] and step % tcfg["save_every"] == 0):
+                _save_checkpoint(accelerator, out, step, epoch, batches_done, skipped, tcfg["save_total_limit"],
+                                 guard)
+            if stop_message:
+                if metrics_file:
+                    metrics_file.close()
+                accelerator.end_training()
+                raise NonFiniteError(f"{stop_message} Checkpoint (weights before those steps): {out / f'checkpoint-{step}'}")
             if step >= total or (stop_after and step >= stop_after):
                 finished = True
                 break
@@ -301,6 +312,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         "samples_per_s": seen / max(elapsed, 1e-9),
         "seconds": elapsed,
         "skipped": all_skipped,
+        "nonfinite_steps": guard.total,
     }
 
 
@@ -313,18 +325,10 @@ def _gather_objects(accelerator: Accelerator, obj: list) -> list[list]:
 
 
 def _save_checkpoint(
-    accelerator: Accelerator, out: Path, step: int, epoch: int, batches: int, skipped: list, keep: int
+    accelerator: Accelerator, out: Path, step: int, epoch: int, batches: int, skipped: list, keep: int,
+    guard: NonFiniteGuard | None = None,
 ) -> None:
-    """accelerate state + data position, written to a temp dir and renamed (atomic)."""
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".tmp-checkpoint-{step}"
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches, "skipped": skipped}
-        (tmp / STATE).write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in _checkpoints(out)[:-keep] if keep else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    """accelerate state + data position, written atomically (seechat/checkpoint.py)."""
+    state = {"step": step, "epoch": epoch, "batches_in_epoch": batches, "skipped": skipped,
+             "nonfinite_steps": guard.total if guard else 0}
+    save_checkpoint(accelerator, out, step, state, keep)
