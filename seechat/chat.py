@@ -17,9 +17,10 @@ from .model import SeeChatVLM
 HELP = "commands: /image PATH (attach to the next question), /reset, /help, /quit"
 
 
-def one_shot(model: SeeChatVLM, question: str, images: Sequence[Any], out: TextIO = sys.stdout,
+def one_shot(model: SeeChatVLM, question: str, images: Sequence[Any], out: TextIO | None = None,
              max_new_tokens: int = 64) -> str:
-    """Answer one question, streaming the answer to `out`."""
+    """Answer one question, streaming the answer to `out` (default: the current stdout)."""
+    out = out or sys.stdout
     answer = model.chat(question, images=list(images), max_new_tokens=max_new_tokens,
                         on_text=lambda piece: _write(out, piece))
     _write(out, "\n")
@@ -27,9 +28,10 @@ def one_shot(model: SeeChatVLM, question: str, images: Sequence[Any], out: TextI
 
 
 def repl(model: SeeChatVLM, images: Sequence[Any] = (), read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout, max_new_tokens: int = 64) -> int:
+         out: TextIO | None = None, max_new_tokens: int = 64) -> int:
     """Run the interactive session until /quit or end of input; `images` attach to the first
-    question. `read` is `input` (tests pass a fake)."""
+    question. `read` is `input` (tests pass a fake); `out` defaults to the current stdout."""
+    out = out or sys.stdout
     conversation = Conversation(model)
     for image in images:
         conversation.add_image(image)

@@ -132,3 +132,22 @@ def test_readme_python_example_runs(model_dir, pictures, tmp_path, monkeypatch):
     assert printed[0] == (one,)
     assert printed[1] == (model.decode(model.generate(**model.prepare(
         ["What shape is this?", "What color is it?"], [["a.png"], ["b.png"]]), max_new_tokens=8)),)
+
+
+@pytest.mark.slow  # a fresh process imports torch and transformers
+def test_repl_over_stdin_in_a_subprocess(model_dir, pictures):
+    import subprocess
+    import sys
+
+    red = pictures / "red.png"
+    script = f"/image {red}\nwhat colour?\n/quit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "seechat.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "8"],
+        input=script, capture_output=True, text=True, encoding="utf-8", timeout=600,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = seechat.load(model_dir)
+    expected = reference(model, [{"from": "human", "value": "<image>\nwhat colour?"}], [str(red)])
+    assert f"(image {red} attached to the next question)" in result.stdout
+    assert f"model> {expected}\n" in result.stdout

@@ -62,6 +62,9 @@ def assert_same_as_seechat(model_dir, out_dir, backend="pil"):
          {"encoder": "frozen", "adapter": "full", "llm": "full"}),
         ("open_clip-encoder-lora", "open_clip", {"feature_layer": 0}, {},
          {"encoder": "lora", "adapter": "full", "llm": "lora"}),
+        ("siglip-no-cls", "hf", {"pretrained": False, "name": None, "arch": "siglip", "config": {
+            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2}}, {}, None),
     ],
 )
 def test_export_matches_seechat(experts, tmp_path, name, encoder, encoder_cfg, adapter_cfg, modes):
@@ -72,8 +75,9 @@ def test_export_matches_seechat(experts, tmp_path, name, encoder, encoder_cfg, a
     model = load(model_dir)
     assert config["image_token_index"] == model.image_token_id
     assert config["image_seq_length"] == model.num_image_tokens
-    keep_cls = encoder_cfg.get("keep_cls", False)
-    assert config["vision_feature_select_strategy"] == ("full" if keep_cls else "default")
+    # "full" keeps every token: a kept CLS, or SigLIP's tokens (it has no CLS to drop)
+    keeps_all = encoder_cfg.get("keep_cls", False) or encoder_cfg.get("arch") == "siglip"
+    assert config["vision_feature_select_strategy"] == ("full" if keeps_all else "default")
     assert config["projector_hidden_act"] == ("linear" if adapter_cfg.get("projector") == "linear" else "gelu")
     for f in ("model.safetensors", "generation_config.json", "processor_config.json", "chat_template.jinja",
               "tokenizer.json"):
