@@ -31,7 +31,12 @@ def assemble(model_cfg: dict[str, Any], modes: dict[str, str]) -> SeeChatVLM:
 
 
 def build_model(model_cfg: dict[str, Any], modes: dict[str, str]) -> SeeChatVLM:
-    """A ready-to-train model: assembled, then frozen / unfrozen / LoRA-wrapped per `modes`."""
+    """A ready-to-train model: assembled, then frozen / unfrozen / LoRA-wrapped per `modes`.
+    `model.kind: native` builds the early-fusion model instead (seechat/native/model.py)."""
+    if model_cfg.get("kind") == "native":
+        from .native.model import build_native
+
+        return build_native(model_cfg, modes)
     model = assemble(model_cfg, modes)
     apply_modes(model, modes)
     return model

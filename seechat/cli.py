@@ -136,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
     p.set_defaults(func=_serve)
 
+    from .compare import add_compare_parser
+    from .native.cli import add_generate_image_parser
+
+    add_generate_image_parser(sub)  # seechat/native/cli.py
+    add_compare_parser(sub)  # seechat/compare.py
+
     args = parser.parse_args(argv)
     return args.func(args)
 

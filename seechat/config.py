@@ -62,6 +62,14 @@ DEFAULTS: dict[str, Any] = {
             "lr": None,
             "lora": None,
         },
+        # kind: native only (seechat/native/): the VQ image tokenizer and Chameleon's stabilisers
+        "native": {
+            "vq": None,  # a saved seechat.native.vq.VQTokenizer directory
+            "qk_norm": True,  # false: the LM's q_norm/k_norm become identities (ablation)
+            "z_loss": 0.0,  # coefficient of mean(logsumexp(logits)^2) at supervised positions
+            "attention_dropout": 0.0,
+            "hidden_dropout": 0.0,  # after each attention and feed-forward block (residual branch)
+        },
     },
     "data": {
         "format": "llava",  # llava (JSON/JSONL) | hf (datasets.load_dataset)
@@ -97,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
         "save_total_limit": 2,
         "trackers": ["tensorboard"],
         "stop_after": None,  # stop (as if killed) after this many steps: for resume tests
+        "max_seconds": None,  # wall-clock budget of the loop: stop there and save final/
         "max_nonfinite_steps": 10,  # NaN/inf loss or gradient: step skipped; this many in a row stop the run
     },
     "eval": {
@@ -185,6 +194,14 @@ def apply_override(recipe: dict, item: str) -> None:
 
 def _resolve_adapter(recipe: dict) -> None:
     model = recipe.setdefault("model", {})
+    kind = model.get("kind", DEFAULTS["model"]["kind"])
+    if kind not in ("stitched", "native"):
+        raise RecipeError(f"model.kind={kind!r}; valid: stitched, native")
+    if kind == "native":  # one transformer, no adapter: images enter as VQ codes
+        if model.get("adapter") not in (None, {}):
+            raise RecipeError("model.kind=native has no adapter; remove model.adapter")
+        model["adapter"] = {}
+        return
     adapter = model.get("adapter", DEFAULTS["model"]["adapter"])
     if isinstance(adapter, str):
         adapter = {"card": adapter}

@@ -10,6 +10,11 @@ them `chunk_size` rows at a time. Its autograd function computes the gradients o
 in the forward pass (softmax minus one-hot is the logits' gradient of cross-entropy), so only
 one chunk's logits ever exist, in forward and in backward, and no matmul is recomputed: the
 cost is the same three matmuls per supervised row as the unchunked version.
+
+`z_loss` (PaLM, Chameleon) adds `z_loss * mean(logsumexp(logits)^2)` over the same rows: it
+keeps the softmax normaliser near 1 so that logits cannot drift, which Chameleon needed to
+train stably on mixed image/text sequences. Its logits' gradient, `2 * z_loss * lse *
+softmax`, is added to the cross-entropy's in the same pass.
 """
 from __future__ import annotations
 
@@ -28,10 +33,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """mean cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunk by chunk."""
+    """mean cross-entropy (+ z-loss) of `hidden @ weight.T (+ bias)` against `targets`, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, z_loss: float = 0.0):  # type: ignore[override]
         dtype = _compute_dtype(hidden)
         n = hidden.shape[0]
         need_h, need_w = hidden.requires_grad, weight.requires_grad
@@ -48,10 +53,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 t = targets[start : start + chunk_size]
                 logits = F.linear(h, w, b).float()
                 total += F.cross_entropy(logits, t, reduction="sum")
+                if z_loss:
+                    lse = logits.logsumexp(-1)
+                    total += z_loss * lse.square().sum()
                 if not (need_h or need_w or need_b):
                     continue
                 # d(sum CE)/d logits = softmax - one_hot; the mean's 1/n is applied here.
                 g = logits.softmax(-1)
+                if z_loss:  # d(z * lse^2)/d logits = 2 z lse softmax
+                    g *= 1.0 + 2.0 * z_loss * lse.unsqueeze(-1)
                 g[torch.arange(len(t), device=t.device), t] -= 1.0
                 g = (g / n).to(dtype)
                 if need_h:
@@ -71,13 +81,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
         gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
         gb = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def chunked_head_loss(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `head(hidden)` against `targets`.
+    """Mean cross-entropy of `head(hidden)` against `targets`, plus `z_loss` times the mean
+    squared log-partition `logsumexp(logits)^2` when `z_loss` > 0.
 
     `hidden` [n, D] holds the supervised positions only, `targets` [n] their next-token ids.
     A plain `nn.Linear` head goes through the chunked function above (the full [n, V] logits
@@ -88,12 +100,16 @@ def chunked_head_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if type(head) is nn.Linear:
-        return _ChunkedLinearCE.apply(hidden, head.weight, head.bias, targets, chunk_size)
+        return _ChunkedLinearCE.apply(hidden, head.weight, head.bias, targets, chunk_size, float(z_loss))
     from torch.utils.checkpoint import checkpoint
 
     def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
+        logits = head(h).float()
+        loss = F.cross_entropy(logits, t, reduction="sum")
+        return loss + z_loss * logits.logsumexp(-1).square().sum() if z_loss else loss
 
     total = sum(
         checkpoint(part, hidden[s : s + chunk_size], targets[s : s + chunk_size], use_reentrant=False)

@@ -187,11 +187,14 @@ class SeeChatVLM(nn.Module):
         use_cache: bool = True,
         eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        allowed_ids: torch.Tensor | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Batched greedy / sampling decoding of left-padded prompts. Returns the new tokens
         [B, <= max_new_tokens], padded with the pad id after each sequence's end token.
-        `on_token` is called with each step's tokens [B] as they are chosen (streaming)."""
+        `allowed_ids` (bool [vocab]) restricts what may be emitted (the native path: text only
+        when answering, image codes only when drawing). `on_token` is called with each step's
+        tokens [B] as they are chosen (streaming)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
@@ -218,6 +221,8 @@ class SeeChatVLM(nn.Module):
             )
             logits = out.logits[:, -1].float()
             logits[:, self.image_token_id] = float("-inf")  # never emit a placeholder
+            if allowed_ids is not None:
+                logits = logits.masked_fill(~allowed_ids.to(logits.device), float("-inf"))
             token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             new_tokens.append(token)

@@ -121,6 +121,10 @@ def load(
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this seechat reads {FORMAT}")
+    if meta["model"].get("kind") == "native":  # early fusion: seechat/native/saving.py
+        from .native.saving import load_native
+
+        return load_native(root, meta, trainable, modes, model_overrides)
     cfg, saved_modes, stored = copy.deepcopy(meta["model"]), meta["modes"], meta["stored"]
     modes = modes or saved_modes
     for module, override in (model_overrides or {}).items():

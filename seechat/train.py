@@ -215,6 +215,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     guard.total = nonfinite_before
     seen, t0, last_loss, window = 0, time.time(), float("nan"), []
     stop_after = tcfg.get("stop_after")
+    max_seconds, timed_out = tcfg.get("max_seconds"), False
     finished = step >= total
     while not finished:
         if hasattr(loader, "set_epoch"):
@@ -277,12 +278,16 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     metrics_file.close()
                 accelerator.end_training()
                 raise NonFiniteError(f"{stop_message} Checkpoint (weights before those steps): {out / f'checkpoint-{step}'}")
-            if step >= total or (stop_after and step >= stop_after):
+            if max_seconds:  # every process stops at the same step: any one over budget stops all
+                over = torch.tensor([time.time() - t0 >= max_seconds], device=accelerator.device)
+                timed_out = bool(accelerator.gather(over).any())
+            if step >= total or timed_out or (stop_after and step >= stop_after):
                 finished = True
                 break
         else:
             epoch, batches_done = epoch + 1, 0
-    if step < total:  # stop_after: behave like a killed run (no final model)
+    loop_seconds = time.time() - t0
+    if step < total and not timed_out:  # stop_after: behave like a killed run (no final model)
         bar.close()
         if metrics_file:
             metrics_file.close()
@@ -311,6 +316,9 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         "loss": last_loss,
         "samples_per_s": seen / max(elapsed, 1e-9),
         "seconds": elapsed,
+        "loop_seconds": loop_seconds,  # training steps only (elapsed also counts saving final/)
+        "stopped_by_max_seconds": timed_out,
+        "trainable_parameters": sum(p.numel() for g in groups for p in g["params"]),
         "skipped": all_skipped,
         "nonfinite_steps": guard.total,
     }
