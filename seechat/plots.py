@@ -54,6 +54,8 @@ def plot_curves(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         axes.plot(steps, values, marker="." if len(points) < 50 else None)
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(label)
+        if key == "loss" and min(values) > 0 and max(values) > 10 * min(values):
+            axes.set_yscale("log")  # late-training loss is orders of magnitude below the start
         if key == "lr":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         axes.set_title(f"{label} ({Path(metrics_path).parent.name})")
@@ -62,3 +64,12 @@ def plot_curves(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         figure.savefig(out / name)
         written.append(out / name)
     return written
+
+
+if __name__ == "__main__":  # python -m seechat.plots RUN_DIR/metrics.jsonl OUT_DIR
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m seechat.plots METRICS_JSONL OUT_DIR")
+    for written_path in plot_curves(sys.argv[1], sys.argv[2]):
+        print(written_path)
