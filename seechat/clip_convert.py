@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 
 from .encoders import VisionEncoder
 from .encoders.hf import HFVisionEncoder
@@ -23,15 +23,16 @@ class NotExpressibleError(ValueError):
     """A part of the seechat model has no equivalent in the export target."""
 
 
-def vision_tower_for_export(encoder: VisionEncoder) -> tuple[PreTrainedConfig, dict[str, torch.Tensor], bool]:
-    """(vision config, state dict in the transformers tower's layout, whether the tower emits a
-    leading CLS token) for `encoder`."""
+def vision_tower_for_export(encoder: VisionEncoder) -> tuple[PreTrainedModel, bool]:
+    """(the encoder as a transformers vision model, whether it emits a leading CLS token).
+    A transformers tower is returned as is (shared, not copied)."""
     if isinstance(encoder, HFVisionEncoder):
-        state = {k: v.detach().clone() for k, v in encoder.tower.state_dict().items()}
-        return encoder.tower.config, state, encoder.has_cls
+        return encoder.tower, encoder.has_cls
     if isinstance(encoder, OpenCLIPVisionEncoder):
         config, state = open_clip_to_clip(encoder.tower)
-        return config, state, True
+        tower = CLIPVisionModel(config).to(next(encoder.tower.parameters()).dtype)
+        tower.load_state_dict(state, strict=True)
+        return tower.eval(), True
     raise NotExpressibleError(
         f"encoder {type(encoder).__name__} cannot be exported: only transformers CLIP/SigLIP "
         "towers and open_clip ViTs with CLIP's architecture can"

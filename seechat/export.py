@@ -27,6 +27,7 @@ from torch import nn
 from torchvision import transforms as T
 from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.image_utils import PILImageResampling
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .adapters.mlp import MLPAdapter
 from .clip_convert import NotExpressibleError, vision_tower_for_export
@@ -93,7 +94,8 @@ def _projector(adapter: nn.Module, d_llm: int) -> tuple[dict[str, torch.Tensor],
 
 
 def model_to_llava(model: SeeChatVLM) -> LlavaForConditionalGeneration:
-    """An in-memory `LlavaForConditionalGeneration` with `model`'s weights (LoRA merged first)."""
+    """An in-memory `LlavaForConditionalGeneration` made of `model`'s own modules (shared, not
+    copied; `model`'s LoRA is merged in place first)."""
     if boundary_ids(model.tokenizer) is not None:
         raise NotExpressibleError(
             "the tokenizer wraps images in boundary tokens (llm.image_boundary_tokens); Llava's "
@@ -103,7 +105,8 @@ def model_to_llava(model: SeeChatVLM) -> LlavaForConditionalGeneration:
     llm = model.base_llm
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector, act = _projector(model.adapter, d_llm)
-    vision_config, vision_state, has_cls = vision_tower_for_export(model.encoder)
+    tower, has_cls = vision_tower_for_export(model.encoder)
+    vision_config = tower.config
     encoder = model.encoder
     # Llava indexes hidden_states (index 0 = embeddings, i + 1 = block i); seechat's
     # layer_index is the block. Negative, as LLaVA writes it (-2 = penultimate block).
@@ -123,12 +126,25 @@ def model_to_llava(model: SeeChatVLM) -> LlavaForConditionalGeneration:
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
     )
+    # The skeleton is built on the meta device and its parts are the model's own modules:
+    # no second copy of a 7B LM in memory, no random init to overwrite.
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
     dtype = llm.get_input_embeddings().weight.dtype
-    llava = LlavaForConditionalGeneration(config).to(dtype)
-    llava.model.vision_tower.load_state_dict(vision_state, strict=True)
-    llava.model.multi_modal_projector.load_state_dict(projector, strict=True)
-    llava.model.language_model.load_state_dict(llm.get_decoder().state_dict(), strict=True)
-    llava.lm_head.load_state_dict(llm.get_output_embeddings().state_dict(), strict=True)
+    decoder = llm.get_decoder()
+    for name, mine, theirs in (("vision tower", tower, llava.model.vision_tower),
+                               ("language model", decoder, llava.model.language_model)):
+        if type(mine) is not type(theirs):  # what Llava builds from the config must be what we hand it
+            raise NotExpressibleError(f"{name}: Llava builds {type(theirs).__name__}, seechat has {type(mine).__name__}")
+    llava.model.vision_tower = tower.to(dtype)
+    llava.model.language_model = decoder
+    llava.lm_head = llm.get_output_embeddings()
+    projector_module = LlavaMultiModalProjector(config).to(dtype)
+    projector_module.load_state_dict(projector, strict=True)
+    llava.model.multi_modal_projector = projector_module
+    leftover = [n for n, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"Llava parts without seechat weights: {leftover[:5]}")
     llava.eval()
     return llava
 
