@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import transforms as T
 from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -176,6 +177,27 @@ def image_processor_for(model: SeeChatVLM) -> CLIPImageProcessor:
     )
 
 
+def _hub_vision_prefix(out: Path) -> None:
+    """Rename `vision_tower.*` to `vision_tower.vision_model.*` in the saved weights: the layout
+    of the llava-hf checkpoints on the Hub, which every vLLM and transformers 4.x read.
+    transformers 5 (whose CLIP/SigLIP towers dropped the `vision_model` level) maps it back
+    on load (its conversion_mapping strips the prefix)."""
+
+    def rename(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key[len("vision_tower."):]
+        return key
+
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        save_file({rename(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
 def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export the saved seechat model at `model_dir` to a llava-hf directory `out_dir`: config,
     safetensors, tokenizer (with <image>), image processor + processor configs, chat template,
@@ -212,6 +234,7 @@ def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
         max_new_tokens=64,
     )
     llava.save_pretrained(out)
+    _hub_vision_prefix(out)
     processor.save_pretrained(out)
     n = processor._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0]
     if n != cfg.image_seq_length:

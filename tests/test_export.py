@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from seechat import load
@@ -82,6 +83,11 @@ def test_export_matches_seechat(experts, tmp_path, name, encoder, encoder_cfg, a
     for f in ("model.safetensors", "generation_config.json", "processor_config.json", "chat_template.jinja",
               "tokenizer.json"):
         assert (out / f).is_file(), f
+    # the llava-hf Hub layout (what vLLM and transformers 4.x read; transformers 5 maps it)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        prefixes = {".".join(k.split(".")[:2]) for k in f.keys()}
+    assert prefixes == {"vision_tower.vision_model", "multi_modal_projector.linear_1",
+                        "multi_modal_projector.linear_2", "language_model.model", "language_model.lm_head"}
     assert_same_as_seechat(model_dir, out)
 
 
