@@ -127,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out", help="output directory")
     p.set_defaults(func=_merge)
 
+    from .estimate import add_estimate_parser
+
+    add_estimate_parser(sub)  # seechat/estimate.py
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     p.add_argument("--model", required=True, help="saved seechat model directory")
     p.add_argument("--host", default="127.0.0.1")
