@@ -147,6 +147,13 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         log_with=tcfg["trackers"] or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # With no GPU, processes started by `accelerate launch --multi_gpu` (torchrun) would each
+        # run alone (DistributedType.NO); cpu=True makes them one gloo group (MULTI_CPU).
+        cpu=not _has_accelerator(),
+        # One scheduler step per update. Linked to the optimizer, accelerate would step it once
+        # per process per update (it assumes schedules sized for one process), so N processes
+        # ran the schedule N times faster than the `total` computed below.
+        step_scheduler_with_optimizer=False,
     )
     set_seed(recipe["seed"])
     if accelerator.is_main_process:
@@ -250,7 +257,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     finite = guard.is_finite(accelerator, [*window, loss.detach()], norm)
                 if finite:  # a NaN/inf update is not applied: zero_grad below drops it
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
                 optimizer.zero_grad()
             window.append(loss.detach().float())
             seen += batch["input_ids"].shape[0] * accelerator.num_processes
@@ -322,6 +330,12 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         "skipped": all_skipped,
         "nonfinite_steps": guard.total,
     }
+
+
+def _has_accelerator() -> bool:
+    """A GPU (CUDA, ROCm, XPU, MPS, ...) torch can use."""
+    api = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return api.is_available() if api is not None else torch.cuda.is_available()
 
 
 def _gather_objects(accelerator: Accelerator, obj: list) -> list[list]:

@@ -1,0 +1,91 @@
+"""Multi-process training on accelerate: `accelerate launch --multi_gpu --num_processes 2` on
+this CPU-only machine runs two gloo processes (seechat passes cpu=True to accelerate when torch
+sees no GPU) and matches a one-process run with the same global batch; checkpoints and the
+final model are written once, by the main process. The shipped accelerate configs parse."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe
+from seechat.config import REPO_ROOT
+
+CONFIGS = REPO_ROOT / "recipes" / "accelerate"
+COMMON = ["train.max_steps=5", "train.save_every=2", "train.lr=1e-2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def train(out: Path, launcher: list[str], *extra: str) -> None:
+    cmd = [*launcher, str(REPO_ROOT / "recipes" / "align.py"), "--config", f"{out}.recipe.yaml", *COMMON, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(experts, tiny_vqa, tmp_path):
+    from seechat.train import build_dataset, model_for
+
+    # Each process averages the loss over its own supervised tokens and DDP averages the two
+    # gradients, which equals the one-process average when both halves hold as many supervised
+    # tokens. So the run uses the samples whose answers have one common token count.
+    recipe = tiny_recipe(experts, tiny_vqa, str(tmp_path / "probe"))
+    dataset = build_dataset(recipe, model_for(recipe))
+    counts = [int((dataset[i]["labels"] != -100).sum()) for i in range(len(dataset))]
+    common = max(set(counts), key=counts.count)
+    records = json.loads(Path(tiny_vqa["train"]).read_text())
+    kept = [r for r, n in zip(records, counts) if n == common]
+    kept = kept[: len(kept) // 4 * 4]
+    assert len(kept) >= 8
+    (tmp_path / "uniform.json").write_text(json.dumps(kept))
+    data = {**tiny_vqa, "train": str(tmp_path / "uniform.json")}
+    one, two = tmp_path / "one", tmp_path / "two"
+    tiny_recipe(experts, data, str(one))  # writes <out>.recipe.yaml
+    tiny_recipe(experts, data, str(two))
+
+    train(one, [sys.executable], "train.batch_size=4")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--mixed_precision", "no"]
+    train(two, launch, "train.batch_size=2")  # 2 processes x 2 = the same global batch of 4
+
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 5 and a[-1] < a[0]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa, wb = load_file(one / "final" / "adapter.safetensors"), load_file(two / "final" / "adapter.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # Really two processes: each saved its own RNG state into the checkpoint, once.
+    ckpt = sorted(p.name for p in (two / "checkpoint-4").iterdir())
+    assert [n for n in ckpt if n.startswith("random_states")] == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert [n for n in ckpt if n.startswith("random_states")] != sorted(
+        p.name for p in (one / "checkpoint-4").iterdir() if p.name.startswith("random_states"))
+    assert (two / "latest").read_text() == "checkpoint-4" and not list(two.glob(".tmp-*"))
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 5  # written by the main process only
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("cpu2", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                        ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")])
+def test_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+    assert str(config.distributed_type).split(".")[-1] == kind
+    if kind == "DEEPSPEED":
+        stage = int(name[-1])
+        assert config.deepspeed_config["zero_stage"] == stage
+        if stage == 3:
+            # Frozen experts are loaded whole by every process before accelerate shards them,
+            # and saved gathered into one file, not as ZeRO shards (seechat saves safetensors).
+            assert config.deepspeed_config["zero3_init_flag"] is False
+            assert config.deepspeed_config["zero3_save_16bit_model"] is True
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
