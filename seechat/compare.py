@@ -115,7 +115,8 @@ def train_native(cfg: dict, name: str, spec: dict, experts: Path, data: Path) ->
     from .native.prepare import prepare_native
 
     prep = prepare_native(data, Path(cfg["output_dir"]) / name / "prepare", vq_epochs=cfg["native"]["vq_epochs"],
-                          vq_config=cfg["native"]["vq_config"], seed=cfg["seed"])
+                          vq_config=cfg["native"]["vq_config"], seed=cfg["seed"],
+                          vq_max_seconds=cfg["native"].get("vq_max_seconds"))
     recipe = load_recipe(NATIVE_RECIPE, [*_common_overrides(cfg, data, name, "train"), f"data.train={prep['train']}",
                                          f"model.native.vq={prep['vq']}", f"llm.tokenizer={experts / 'tokenizer'}",
                                          *spec["overrides"]])
