@@ -155,6 +155,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         # ran the schedule N times faster than the `total` computed below.
         step_scheduler_with_optimizer=False,
     )
+    _check_engine(accelerator)
     set_seed(recipe["seed"])
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,18 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         "skipped": all_skipped,
         "nonfinite_steps": guard.total,
     }
+
+
+def _check_engine(accelerator: Accelerator) -> None:
+    """Refuse a launch that asked for FSDP/DeepSpeed but did not get it: accelerate picks FSDP
+    only on GPU-like devices, so on a CPU the request would quietly become plain DDP."""
+    for engine, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "").lower() == "true" and accelerator.distributed_type.name != engine:
+            raise RuntimeError(
+                f"the launch asked for {engine} but accelerate set up {accelerator.distributed_type.name} on "
+                f"{accelerator.device.type}: accelerate runs {engine} on GPUs only. On a CPU use DDP "
+                "(recipes/accelerate/cpu2.yaml or `accelerate launch --multi_gpu --num_processes N`)."
+            )
 
 
 def _has_accelerator() -> bool:

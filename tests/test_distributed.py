@@ -89,3 +89,13 @@ def test_accelerate_configs_parse(name, kind):
             assert config.deepspeed_config["zero3_save_16bit_model"] is True
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
+
+
+def test_fsdp_request_on_cpu_is_refused_not_downgraded(experts, tiny_vqa, tmp_path, monkeypatch):
+    """accelerate chooses FSDP only for GPU-like devices; with `--config_file fsdp.yaml` on this
+    CPU it would set up plain DDP. seechat stops instead of training something else."""
+    from seechat.train import run
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="asked for FSDP but accelerate set up NO on cpu: accelerate runs FSDP on GPUs"):
+        run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "run"), "train.max_steps=1"))
