@@ -23,8 +23,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m seechat.demo
 
+# Speed/memory benchmarks run on one thread each (the ratios are what they report); see README
+# "Speed and memory". Each writes benchmarks/results/<name>.json.
 bench: $(STAMP)
 	$(PY) benchmarks/easyvqa.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/generate.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/feature_cache.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/packing.py
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) benchmarks/estimate.py
 
 clean:
 	rm -rf runs .pytest_cache
