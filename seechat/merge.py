@@ -7,7 +7,6 @@ wrapper) are merged layer by layer with peft's layer API. `merge_model(dir, out)
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .model import SeeChatVLM
-
-logger = logging.getLogger(__name__)
 
 
 def merge_tower_lora(module: nn.Module) -> int:
@@ -29,15 +26,9 @@ def merge_tower_lora(module: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         layer = getattr(parent, child)
-        if isinstance(parent, nn.MultiheadAttention):
-            # MultiheadAttention reads out_proj.weight directly and never calls out_proj's
-            # forward, so a LoRA wrapper there (what "all-linear" puts on open_clip towers)
-            # never acted; merging it would change the model. Drop it unmerged.
-            logger.warning("LoRA on %s.%s never ran (inside nn.MultiheadAttention): dropped, not merged",
-                           parent_name, child)
-            setattr(parent, child, layer.get_base_layer())
-            continue
-        if hasattr(layer, "unload_and_optionally_merge_module"):  # e.g. nn.MultiheadAttention
+        # peft's nn.MultiheadAttention LoRA (seechat.modes targets the attention module, never
+        # its uncalled out_proj) folds into in_proj_weight and out_proj through its own method.
+        if hasattr(layer, "unload_and_optionally_merge_module"):
             base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
         else:
             layer.merge(safe_merge=True)

@@ -5,6 +5,15 @@ Stage defaults follow LLaVA: `align` trains only the adapter; `finetune` trains 
 with the encoder frozen. Any module's mode can be overridden in the recipe (`llm.mode=lora`).
 LoRA is applied to the LLM sub-module only, so a target list like ["q_proj", "v_proj"] can never
 reach the vision tower (CLIP uses the same names); `check_lora_scope` asserts it.
+
+Encoder LoRA targets only layers that feed the features (`encoder_lora_targets`): a probe
+forward/backward on one blank image (meta tensors: shapes only) finds them, so blocks after `feature_layer` (skipped by
+open_clip's `stop_early`, or computed but unused by transformers towers) and unused heads get no
+LoRA that could never train. `torch.nn.MultiheadAttention` (open_clip's attention) never calls its
+`out_proj` and has no Linear for q/k/v (`in_proj_weight`), so LoRA on its Linear children would be
+dead: `all-linear` targets the MultiheadAttention module itself, which peft wraps as a whole
+(LoRA on in_proj and out_proj, merged into the weights around each forward), and naming such a
+child explicitly is an error.
 """
 from __future__ import annotations
 
@@ -13,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 if TYPE_CHECKING:
+    from .encoders.base import VisionEncoder
     from .model import SeeChatVLM
 
 logger = logging.getLogger(__name__)
@@ -67,7 +78,7 @@ def apply_modes(model: "SeeChatVLM", modes: dict[str, str]) -> None:
     tower = model.encoder.tower
     _set_trainable(tower, modes["encoder"] == "full")
     if modes["encoder"] == "lora" and not _has_lora(tower):
-        inject_adapter_in_model(lora_config(cfg["encoder"].get("lora"), None), tower)
+        inject_encoder_lora(model.encoder, cfg["encoder"].get("lora"))
     if modes["encoder"] == "lora":
         for name, p in tower.named_parameters():
             p.requires_grad = "lora_" in name
@@ -93,6 +104,119 @@ def apply_modes(model: "SeeChatVLM", modes: dict[str, str]) -> None:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.modes = dict(modes)
     check_lora_scope(model)
+
+
+def inject_encoder_lora(encoder: "VisionEncoder", cfg: dict[str, Any] | None) -> list[str]:
+    """Wrap the encoder tower's live layers (`encoder_lora_targets`) with LoRA, in place;
+    returns the wrapped module names."""
+    requested = {**DEFAULT_LORA, **(cfg or {})}["target_modules"]
+    targets = encoder_lora_targets(encoder, requested)
+    inject_adapter_in_model(lora_config({**(cfg or {}), "target_modules": targets}, None), encoder.tower)
+    return targets
+
+
+def encoder_lora_targets(encoder: "VisionEncoder", requested: str | list[str]) -> list[str]:
+    """Names (from the tower root) of the modules that `requested` ("all-linear", a list of
+    names or a regex, as peft reads them) selects and that take part in computing the features.
+    Raises on a target that could never act: a Linear inside nn.MultiheadAttention."""
+    tower = encoder.tower
+    modules = dict(tower.named_modules())
+    mha_children = {
+        f"{name}.{child}": name
+        for name, m in modules.items() if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_children()
+    }
+    all_linear = isinstance(requested, str) and requested.lower() == "all-linear"
+    if all_linear:
+        candidates = [
+            n for n, m in modules.items()
+            if (isinstance(m, nn.Linear) and n not in mha_children) or isinstance(m, nn.MultiheadAttention)
+        ]
+    else:
+        probe = LoraConfig(target_modules=requested)
+        candidates = [n for n in modules if n and check_target_module_exists(probe, n)]
+        dead = [n for n in candidates if n in mha_children]
+        if dead:
+            raise ValueError(
+                f"encoder.lora.target_modules={requested!r} selects {dead[0]!r}"
+                f"{f' (and {len(dead) - 1} more)' if len(dead) > 1 else ''}, a child of "
+                f"nn.MultiheadAttention {mha_children[dead[0]]!r}: MultiheadAttention reads its "
+                f"weights directly and never calls it, so LoRA there would never act or train. "
+                f"Target the attention module itself ({mha_children[dead[0]].rpartition('.')[2]!r}: "
+                f"LoRA on its q/k/v and output projections) or use 'all-linear'"
+            )
+    live = _live_modules(encoder, candidates)
+    targets = []
+    for name in candidates:
+        module = modules[name]
+        if name not in live:
+            continue
+        if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+            # peft's MultiheadAttention LoRA needs one packed q/k/v projection
+            if not all_linear:
+                raise ValueError(f"encoder LoRA target {name!r}: peft supports nn.MultiheadAttention "
+                                 f"only with equal query/key/value widths (kdim=vdim=embed_dim)")
+            logger.warning("encoder LoRA: %s (nn.MultiheadAttention with kdim/vdim) left without LoRA", name)
+            continue
+        targets.append(name)
+    unused = [n for n in candidates if n not in live]
+    if unused:
+        logger.info("encoder LoRA: %d selected layers do not feed the features (e.g. %s); no LoRA there",
+                    len(unused), unused[0])
+    if not targets:
+        raise ValueError(
+            f"encoder.lora.target_modules={requested!r} selects no layer that feeds the encoder's "
+            f"features (feature_layer={encoder.feature_layer}); selected but unused: {unused[:3]}"
+        )
+    return targets
+
+
+def _live_modules(encoder: "VisionEncoder", names: list[str]) -> set[str]:
+    """Which of `names` (tower submodules) the features depend on: one forward on a blank image
+    whose pixels require grad, then autograd asks which recorded outputs the features reach
+    back to (a module that was never called or whose output is discarded has no gradient).
+    Runs on meta tensors (shapes only: ~1 s for ViT-L-14 where real compute takes ~1 min on
+    a loaded 2-core CPU); falls back to real compute if an op has no meta kernel."""
+    try:
+        return _probe(encoder, names, meta=True)
+    except (NotImplementedError, RuntimeError) as err:
+        logger.debug("meta probe of the encoder failed (%s); probing with real tensors", err)
+        return _probe(encoder, names, meta=False)
+
+
+def _probe(encoder: "VisionEncoder", names: list[str], meta: bool) -> set[str]:
+    from torch.func import functional_call
+
+    tower = encoder.tower
+    outputs: list[tuple[str, torch.Tensor]] = []
+
+    def record(name: str):
+        def hook(_module, _args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(out) and out.requires_grad:
+                outputs.append((name, out))
+        return hook
+
+    device = torch.device("meta") if meta else next(tower.parameters()).device
+    state = {}
+    if meta:
+        named = list(encoder.named_parameters()) + list(encoder.named_buffers())
+        state = {n: torch.empty_like(t, device="meta") for n, t in named}
+    pixels = torch.zeros(1, 3, encoder.image_size, encoder.image_size, device=device, requires_grad=True)
+    hooks = [tower.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    was_training = encoder.training
+    encoder.eval()  # no dropout; the probe only asks which layers are reached
+    try:
+        with torch.enable_grad():
+            features = functional_call(encoder, state, (pixels,), strict=False)
+            grads = torch.autograd.grad(
+                features.float().sum(), [t for _, t in outputs], allow_unused=True
+            ) if outputs else []
+    finally:
+        for h in hooks:
+            h.remove()
+        encoder.train(was_training)
+    return {name for (name, _), g in zip(outputs, grads) if g is not None}
 
 
 def check_lora_scope(model: "SeeChatVLM") -> None:

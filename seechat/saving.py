@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .build import assemble
 from .llm import hidden_size
 from .model import SeeChatVLM
-from .modes import apply_modes, lora_config
+from .modes import apply_modes, inject_encoder_lora
 
 FORMAT = 1
 META = "seechat.json"
@@ -146,9 +146,7 @@ def load(
     if "encoder" in stored:
         tower.load_state_dict(load_file(root / stored["encoder"]))
     if "encoder_lora" in stored:
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(lora_config(cfg["encoder"].get("lora"), None), tower)
+        inject_encoder_lora(model.encoder, cfg["encoder"].get("lora"))
         missing, unexpected = tower.load_state_dict(load_file(root / stored["encoder_lora"]), strict=False)
         if unexpected or any("lora_" in k for k in missing):
             raise ValueError(f"{root / stored['encoder_lora']} does not match the encoder's LoRA layout")
