@@ -119,7 +119,6 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
 
 
-
 _latest_checkpoint = latest_checkpoint  # (seechat/checkpoint.py: atomic saves, `latest` pointer)
 
 
