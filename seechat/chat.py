@@ -63,7 +63,10 @@ def repl(model: SeeChatVLM, images: Sequence[Any] = (), read: Callable[[str], st
             _write(out, f"unknown command {command}; {HELP}\n")
         else:
             _write(out, "model> ")
-            conversation.ask(line, max_new_tokens, on_text=lambda piece: _write(out, piece))
+            try:
+                conversation.ask(line, max_new_tokens, on_text=lambda piece: _write(out, piece))
+            except ValueError as err:  # e.g. a literal <image> in the text, a prompt too long
+                _write(out, f"error: {err}")
             _write(out, "\n")
 
 

@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the name clients ask for (default: the directory's name)")
     p.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length: the default and the cap on what a request may ask for")
     p.set_defaults(func=_serve)
 
     from .compare import add_compare_parser

@@ -53,6 +53,8 @@ def load_compare_config(path: str | Path | None = None, overrides: Sequence[str]
     for name, spec in cfg["paths"].items():
         if spec.get("kind") not in ("stitched", "native"):
             raise RecipeError(f"compare path {name!r}: kind must be stitched or native, got {spec.get('kind')!r}")
+    if cfg["calibration_steps"] < 2:  # the step time is measured between logged steps
+        raise RecipeError(f"calibration_steps={cfg['calibration_steps']}; it must be at least 2")
     if cfg["generation"]["judge"] not in cfg["paths"]:
         raise RecipeError(f"generation.judge={cfg['generation']['judge']!r} is not one of the paths {list(cfg['paths'])}")
     return cfg

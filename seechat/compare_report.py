@@ -49,7 +49,7 @@ def judge_drawings(native_dir: str, judge_dir: str, data: Path, out: Path, cfg: 
     out.mkdir(parents=True, exist_ok=True)
     native, judge = load(native_dir), load(judge_dir)
     wanted = [{"color": c, "shape": s} for c in COLORS for s in SHAPES] * cfg["per_prompt"]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=native.device).manual_seed(seed)
     drawn = native.generate_images([DRAW_PROMPT.format(**w) for w in wanted], temperature=cfg["temperature"],
                                    generator=generator)
     for i, (image, w) in enumerate(zip(drawn, wanted)):
@@ -115,10 +115,10 @@ def plot(results: dict, path: Path) -> None:
     rows = list(results["rows"].values())
     fig, ax = plt.subplots(figsize=(6, 4))
     longest = max(r["train_seconds"] for r in rows) or 1.0
-    for r in rows:
-        ax.scatter(r["image_tokens"], 100 * r["accuracy"], s=60 + 600 * r["train_seconds"] / longest, alpha=0.6)
-        ax.annotate(f"{r['path']}\n{r['train_seconds']:.0f} s", (r["image_tokens"], 100 * r["accuracy"]),
-                    textcoords="offset points", xytext=(8, -4), fontsize=8)
+    for r in rows:  # a legend, not labels at the points: paths with similar token counts overlap
+        ax.scatter(r["image_tokens"], 100 * r["accuracy"], s=60 + 600 * r["train_seconds"] / longest, alpha=0.6,
+                   label=f"{r['path']}: {100 * r['accuracy']:.1f}%, {r['image_tokens']} tokens, {r['train_seconds']:.0f} s")
+    ax.legend(fontsize=7, loc="best", markerscale=0.4)
     ax.set_xlabel("image tokens per image (LM positions)")
     ax.set_ylabel("easy-VQA test accuracy (%)")
     ax.set_title(f"{results['config']['budget_seconds']} s training budget per path (marker area ~ training time)",

@@ -32,6 +32,14 @@ from .data import SampleError, load_image
 from .model import SeeChatVLM
 
 ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+# What one request may hold: a request must not be able to take the server's memory or time.
+MAX_IMAGE_BYTES = 20 * 2**20  # per image, decoded
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGES = 8
+
+
+class _Cancelled(Exception):
+    """Raised in the generation thread when the streaming client has gone away."""
 
 
 class APIError(Exception):
@@ -65,6 +73,8 @@ def decode_image_url(url: str, image_dir: Path | None, where: str):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
             raise APIError(400, f"{where}: data URL must be base64-encoded (data:image/png;base64,...)", where)
+        if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+            raise APIError(400, f"{where}: image is larger than {MAX_IMAGE_BYTES // 2**20} MiB", where, "invalid_image")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as err:
@@ -81,7 +91,7 @@ def decode_image_url(url: str, image_dir: Path | None, where: str):
             raise APIError(400, f"{where}: {url} is outside the server's image directory", where)
         source = path
     try:
-        return load_image(source)
+        return load_image(source, max_pixels=MAX_IMAGE_PIXELS)
     except SampleError as err:
         raise APIError(400, f"{where}: {err.problem} ({err.file or url})", where, "invalid_image") from None
 
@@ -154,9 +164,17 @@ def create_app(model: SeeChatVLM, model_name: str, image_dir: str | Path | None 
         if request.n != 1:
             raise APIError(400, "n must be 1", "n")
         turns, images = to_conversation(request.messages, allowed_dir)
-        limit = request.max_completion_tokens or request.max_tokens or max_new_tokens
-        if limit < 1:
+        if len(images) > MAX_IMAGES:
+            raise APIError(400, f"{len(images)} images in one request; at most {MAX_IMAGES}", "messages")
+        requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        if requested is not None and requested < 1:
             raise APIError(400, "max_tokens must be at least 1", "max_tokens")
+        # the server's --max-new-tokens is a cap, not only a default
+        limit = max_new_tokens if requested is None else min(requested, max_new_tokens)
+        if request.temperature is not None and request.temperature < 0:
+            raise APIError(400, "temperature must be >= 0", "temperature")
+        if request.top_p is not None and not 0 < request.top_p <= 1:
+            raise APIError(400, "top_p must be in (0, 1]", "top_p")
         sampling: dict[str, Any] = {}
         if request.temperature:  # None or 0: greedy
             sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p or 1.0}
@@ -167,7 +185,10 @@ def create_app(model: SeeChatVLM, model_name: str, image_dir: str | Path | None 
             return StreamingResponse(_stream(model, lock, meta, turns, images, limit, sampling),
                                      media_type="text/event-stream")
         with lock:
-            out = reply(model, turns, images, limit, **sampling)
+            try:
+                out = reply(model, turns, images, limit, **sampling)
+            except ValueError as err:  # e.g. a literal <image> in the text, a prompt too long
+                raise APIError(400, str(err), "messages") from None
         return {
             **meta,
             "object": "chat.completion",
@@ -184,11 +205,19 @@ def _stream(model: SeeChatVLM, lock: threading.Lock, meta: dict, turns: list, im
             sampling: dict) -> Iterator[str]:
     """Server-sent events: a role chunk, one chunk per text piece, a finish chunk, [DONE]."""
     pieces: queue.Queue = queue.Queue()
+    gone = threading.Event()  # set when the client disconnects: generation stops, the lock is freed
+
+    def on_text(piece: str) -> None:
+        if gone.is_set():
+            raise _Cancelled
+        pieces.put(piece)
 
     def work() -> None:
         try:
             with lock:
-                pieces.put(reply(model, turns, images, limit, on_text=pieces.put, **sampling))
+                pieces.put(reply(model, turns, images, limit, on_text=on_text, **sampling))
+        except _Cancelled:
+            pass
         except Exception as err:  # reported to the client in the stream; the server lives on
             pieces.put(err)
 
@@ -198,18 +227,22 @@ def _stream(model: SeeChatVLM, lock: threading.Lock, meta: dict, turns: list, im
         return f"data: {json.dumps(body)}\n\n"
 
     threading.Thread(target=work, daemon=True).start()
-    yield chunk({"role": "assistant", "content": ""})
-    while True:
-        item = pieces.get()
-        if isinstance(item, str):
-            yield chunk({"content": item})
-        elif isinstance(item, Exception):
-            yield f"data: {json.dumps(_error_body(500, f'generation failed: {item}', None, None))}\n\n"
-            break
-        else:
-            yield chunk({}, "stop" if item.stopped else "length")
-            break
-    yield "data: [DONE]\n\n"
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            item = pieces.get()
+            if isinstance(item, str):
+                yield chunk({"content": item})
+            elif isinstance(item, Exception):
+                status = 400 if isinstance(item, ValueError) else 500
+                yield f"data: {json.dumps(_error_body(status, f'generation failed: {item}', None, None))}\n\n"
+                break
+            else:
+                yield chunk({}, "stop" if item.stopped else "length")
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # also on GeneratorExit, when the client went away mid-stream
+        gone.set()
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,

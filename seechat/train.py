@@ -82,6 +82,10 @@ def _feature_cache(recipe: dict, model: SeeChatVLM, dataset: VLMDataset, acceler
     from .precision import autocast_dtype
 
     dcfg = recipe["data"]
+    if recipe["model"].get("kind") == "native":  # no vision encoder: images enter as VQ codes
+        if dcfg["feature_cache"] != "off":
+            logger.info("data.feature_cache=%s ignored: model.kind=native has no encoder features", dcfg["feature_cache"])
+        return None
     dtype = autocast_dtype(recipe["train"]["mixed_precision"])
     root = Path(recipe["output_dir"]).parent / ".feature_cache"
     cache = resolve_feature_cache(dcfg["feature_cache"], model.modes.get("encoder", "frozen"), model.encoder, dtype, root)
@@ -255,10 +259,13 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     # max_norm=inf measures without clipping: the guard needs the norm either way.
                     norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"] or math.inf)
                     finite = guard.is_finite(accelerator, [*window, loss.detach()], norm)
-                if finite:  # a NaN/inf update is not applied: zero_grad below drops it
+                # A NaN/inf update is not applied: zero_grad below drops it. With fp16's
+                # GradScaler the optimizer still "steps": the scaler skips a non-finite step
+                # itself, and must see it to lower its scale (and reset its unscale state).
+                if finite or accelerator.scaler is not None:
                     optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
+                if accelerator.sync_gradients:  # skipped updates count as steps: the schedule ends on time
+                    scheduler.step()
                 optimizer.zero_grad()
             window.append(loss.detach().float())
             seen += batch["input_ids"].shape[0] * accelerator.num_processes

@@ -48,7 +48,8 @@ def wait_healthy(base: str, timeout: float = 60, process: subprocess.Popen | Non
             if httpx.get(f"{base}/health").status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     raise TimeoutError(f"server at {base} did not come up")
 
 
@@ -141,6 +142,17 @@ def test_bad_requests_are_4xx_json_and_server_keeps_serving(served):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
     not_json = httpx.post(f"{base}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and "error" in not_json.json()
+
+    for bad, param in (({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+                       ({"top_p": 0}, "top_p")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=[user(PROMPT)], **bad)
+        assert err.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError, match="outside the server's image directory"):
+        client.chat.completions.create(model="tiny", messages=[user(PROMPT, "../../etc/hostname")])
+    many = [{"type": "image_url", "image_url": {"url": data_url(shape_image())}}] * 9 + [{"type": "text", "text": PROMPT}]
+    with pytest.raises(openai.BadRequestError, match="9 images in one request"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": many}])
 
     # still serving
     assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": "tiny"}

@@ -13,7 +13,7 @@ def _generate_image(args: argparse.Namespace) -> int:
     model = load(args.model)
     if not hasattr(model, "generate_images"):
         raise SystemExit(f"{args.model} is a stitched model; only native (model.kind: native) models draw images")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
     images = model.generate_images([args.prompt] * args.n, temperature=args.temperature, top_k=args.top_k,
                                    generator=generator)
     out = Path(args.out)
