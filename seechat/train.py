@@ -27,7 +27,7 @@ from .build import build_model
 from .config import dump_recipe
 from .data import LengthGroupedSampler, VLMCollator, VLMDataset, load_hf_dataset, read_llava_records
 from .data.packing import PackingCollator
-from .model import SeeChatVLM
+from .model import IGNORE_INDEX, SeeChatVLM
 from .modes import MODULES, parameter_table, resolve_modes
 from .precision import resolve_mixed_precision
 from .checkpoint import STATE, latest_checkpoint, remove_stale, save_checkpoint
@@ -224,7 +224,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     model.train()
     guard = NonFiniteGuard(tcfg["max_nonfinite_steps"])
     guard.total = nonfinite_before
-    seen, t0, last_loss, window = 0, time.time(), float("nan"), []
+    seen, t0, last_loss, window, window_tokens = 0, time.time(), float("nan"), [], []
     stop_after = tcfg.get("stop_after")
     max_seconds, timed_out = tcfg.get("max_seconds"), False
     finished = step >= total
@@ -253,7 +253,17 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     image_features=batch.get("image_features"),
                     position_ids=batch.get("position_ids"),
                 ).loss
-                accelerator.backward(loss)
+                # The loss is a mean over this process's supervised tokens, and DDP averages the
+                # processes' gradients. Weighting each process by its share of the global token
+                # count makes the gradient the mean over all supervised tokens of the global
+                # batch, as in one process (else a process with few answer tokens counts as much
+                # as one with many).
+                tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+                if accelerator.num_processes > 1:
+                    total_tokens = accelerator.reduce(tokens.clone(), reduction="sum").clamp(min=1)
+                    accelerator.backward(loss * (tokens * accelerator.num_processes / total_tokens))
+                else:
+                    accelerator.backward(loss)
                 finite = True
                 if accelerator.sync_gradients:
                     # max_norm=inf measures without clipping: the guard needs the norm either way.
@@ -267,14 +277,18 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                 if accelerator.sync_gradients:  # skipped updates count as steps: the schedule ends on time
                     scheduler.step()
                 optimizer.zero_grad()
-            window.append(loss.detach().float())
+            window.append(loss.detach().float() * tokens)
+            window_tokens.append(tokens)
             seen += batch["input_ids"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
             stop_message = guard.update(finite, step)
-            last_loss = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
-            window = []
+            # mean over every supervised token of the update, on all processes
+            summed = accelerator.reduce(torch.stack([torch.stack(window).sum(), torch.stack(window_tokens).sum()]),
+                                        reduction="sum")
+            last_loss = (summed[0] / summed[1].clamp(min=1)).item()
+            window, window_tokens = [], []
             rate = seen / max(time.time() - t0, 1e-9)
             record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                       **({"nonfinite_steps": guard.total} if guard.total else {})}
