@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .loss import DEFAULT_CHUNK
+
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 # Architectures of well-known Hub checkpoints, for machines that cannot reach the Hub.
@@ -53,7 +55,6 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
                                       "intermediate_size": 4096, "num_hidden_layers": 24,
                                       "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
 }
-HEAD_CHUNK = 1024  # seechat.loss.DEFAULT_CHUNK
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 
 
@@ -256,7 +257,7 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
         llm.notes.append("autocast keeps a bf16 copy of each linear weight until backward")
     # LM head: one chunk of logits (fp32 logits, softmax, compute-dtype gradient) at a time
     vocab = lm.get_output_embeddings().weight.shape[0]
-    rows = min(b * sup, HEAD_CHUNK)
+    rows = min(b * sup, DEFAULT_CHUNK)
     llm.transient = rows * vocab * (4 + 4 + a) + vocab * h * a + b * sup * h * (r + r)
 
     out = {"encoder": enc, "adapter": adp, "llm": llm}

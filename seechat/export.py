@@ -202,10 +202,9 @@ def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     """Export the saved seechat model at `model_dir` to a llava-hf directory `out_dir`: config,
     safetensors, tokenizer (with <image>), image processor + processor configs, chat template,
     generation config. Raises `NotExpressibleError` for models Llava cannot represent."""
-    from .saving import load, saved_modes
+    from .merge import load_unquantised
 
-    modes = {m: ("lora" if v == "qlora" else v) for m, v in saved_modes(model_dir).items()}
-    model = load(model_dir, modes=modes)  # QLoRA merges into a full-precision base
+    model = load_unquantised(model_dir)
     llava = model_to_llava(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

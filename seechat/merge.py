@@ -37,6 +37,14 @@ def merge_tower_lora(module: nn.Module) -> int:
     return len(outer)
 
 
+def load_unquantised(model_dir: str | os.PathLike) -> SeeChatVLM:
+    """The saved model with a QLoRA LM loaded as LoRA on a full-precision base: merging into a
+    4-bit base would bake the quantisation error into the merged weights."""
+    from .saving import load, saved_modes
+
+    return load(model_dir, modes={m: ("lora" if v == "qlora" else v) for m, v in saved_modes(model_dir).items()})
+
+
 def merge_lora(model: SeeChatVLM) -> SeeChatVLM:
     """Fold the LLM's and the encoder's LoRA weights into their base weights, in place. Modes
     that were lora/qlora become frozen: the merged model has no LoRA left to train."""
@@ -53,12 +61,9 @@ def merge_lora(model: SeeChatVLM) -> SeeChatVLM:
 def merge_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Load the saved model at `model_dir`, merge its LoRA weights and write a standalone
     checkpoint (every module's weights stored, no references to Hub experts) to `out_dir`."""
-    from .saving import load, save_pretrained, saved_modes
+    from .saving import save_pretrained
 
-    modes = saved_modes(model_dir)
-    # A QLoRA LM merges into a full-precision base: loading it in 4 bits would bake the
-    # quantisation error into the merged weights.
-    model = load(model_dir, modes={m: ("lora" if v == "qlora" else v) for m, v in modes.items()})
+    model = load_unquantised(model_dir)
     merge_lora(model)
     save_pretrained(model, out_dir, standalone=True)
     return Path(out_dir)

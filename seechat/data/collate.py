@@ -14,6 +14,12 @@ import torch
 from seechat.data.tokenization import IGNORE_INDEX
 
 
+def image_key(items: Sequence[dict[str, Any]]) -> str:
+    """Items from a feature cache carry encoder outputs ("image_features") instead of pixels
+    ("pixel_values"); either is batched the same way."""
+    return "image_features" if any(item.get("image_features") is not None for item in items) else "pixel_values"
+
+
 class VLMCollator:
     """Pads `input_ids` with `pad_token_id` and `labels` with -100 to the longest item.
     `padding_side="left"` is for batched generation, where every prompt must end at the same
@@ -72,8 +78,7 @@ class VLMCollator:
             batch["labels"] = None
 
         num_images = [int(item.get("num_images", 0)) for item in kept]
-        # Items from a feature cache carry encoder outputs instead of pixels; batched the same way.
-        key = "image_features" if any(item.get("image_features") is not None for item in kept) else "pixel_values"
+        key = image_key(kept)
         images = [item[key] for item, n in zip(kept, num_images) if n > 0]
         for item, n in zip(kept, num_images):
             pixels = item.get(key)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from seechat.data.collate import VLMCollator
+from seechat.data.collate import VLMCollator, image_key
 from seechat.data.tokenization import IGNORE_INDEX
 
 
@@ -76,7 +76,7 @@ class PackingCollator:
             row = torch.as_tensor(item["labels"], dtype=torch.long).clone()
             row[0] = IGNORE_INDEX
             labels.append(row)
-        key = "image_features" if any(item.get("image_features") is not None for item in items) else "pixel_values"
+        key = image_key(items)
         images = [item[key] for item in items if item.get("num_images", 0)]
         joined = {
             "id": "+".join(str(item["id"]) for item in items),
