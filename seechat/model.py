@@ -17,6 +17,7 @@ from .adapters import Adapter
 from .encoders import VisionEncoder
 from .llm import IMAGE_TOKEN
 from .loss import chunked_head_loss
+from .precision import reuse_autocast_casts
 
 IGNORE_INDEX = -100
 
@@ -195,52 +196,54 @@ class SeeChatVLM(nn.Module):
         `allowed_ids` (bool [vocab]) restricts what may be emitted (the native path: text only
         when answering, image codes only when drawing). `on_token` is called with each step's
         tokens [B] as they are chosen (streaming)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate() needs left-padded prompts (tokenizer padding_side='left')")
-        eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        pad = self.tokenizer.pad_token_id
-        embeds = self.embed(input_ids, pixel_values, num_images)
-        mask = attention_mask.long()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_embeds, step_positions = embeds, positions
-        cache = DynamicCache() if use_cache else None
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        embed_tokens = self.llm.get_input_embeddings()
-        for _ in range(max_new_tokens):
-            out = self.llm(
-                inputs_embeds=step_embeds,
-                attention_mask=mask,
-                position_ids=step_positions,
-                past_key_values=cache,
-                use_cache=use_cache,
-                logits_to_keep=1,
-            )
-            logits = out.logits[:, -1].float()
-            logits[:, self.image_token_id] = float("-inf")  # never emit a placeholder
-            if allowed_ids is not None:
-                logits = logits.masked_fill(~allowed_ids.to(logits.device), float("-inf"))
-            token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            new_tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            finished |= torch.isin(token, eos)
-            if finished.all():
-                break
-            next_embeds = embed_tokens(token).unsqueeze(1)
-            next_positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = torch.cat([positions, next_positions], dim=1)
-            if use_cache:
-                step_embeds, step_positions = next_embeds, next_positions
-            else:  # recompute everything: the reference the cached path must equal
-                embeds = torch.cat([embeds, next_embeds], dim=1)
-                step_embeds, step_positions = embeds, positions
-        return torch.stack(new_tokens, dim=1)
+        # Each frozen weight is cast to bf16 once per call instead of once per token (precision.py).
+        with reuse_autocast_casts(self):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("generate() needs left-padded prompts (tokenizer padding_side='left')")
+            eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
+            eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+            pad = self.tokenizer.pad_token_id
+            embeds = self.embed(input_ids, pixel_values, num_images)
+            mask = attention_mask.long()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            step_embeds, step_positions = embeds, positions
+            cache = DynamicCache() if use_cache else None
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            new_tokens = []
+            embed_tokens = self.llm.get_input_embeddings()
+            for _ in range(max_new_tokens):
+                out = self.llm(
+                    inputs_embeds=step_embeds,
+                    attention_mask=mask,
+                    position_ids=step_positions,
+                    past_key_values=cache,
+                    use_cache=use_cache,
+                    logits_to_keep=1,
+                )
+                logits = out.logits[:, -1].float()
+                logits[:, self.image_token_id] = float("-inf")  # never emit a placeholder
+                if allowed_ids is not None:
+                    logits = logits.masked_fill(~allowed_ids.to(logits.device), float("-inf"))
+                token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                new_tokens.append(token)
+                if on_token is not None:
+                    on_token(token)
+                finished |= torch.isin(token, eos)
+                if finished.all():
+                    break
+                next_embeds = embed_tokens(token).unsqueeze(1)
+                next_positions = positions[:, -1:] + 1
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = torch.cat([positions, next_positions], dim=1)
+                if use_cache:
+                    step_embeds, step_positions = next_embeds, next_positions
+                else:  # recompute everything: the reference the cached path must equal
+                    embeds = torch.cat([embeds, next_embeds], dim=1)
+                    step_embeds, step_positions = embeds, positions
+            return torch.stack(new_tokens, dim=1)
 
 
 def _pick(

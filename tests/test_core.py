@@ -252,8 +252,10 @@ def test_cached_generation_equals_uncached(experts, adapter):
     mask = (ids != pad).long()
     pv = torch.randn(1, 3, model.encoder.image_size, model.encoder.image_size)
     kwargs = dict(pixel_values=pv, num_images=torch.tensor([1, 0]), max_new_tokens=12, eos_token_id=[-1])
+    flags = [p.requires_grad for p in model.parameters()]
     cached = model.generate(ids, mask, use_cache=True, **kwargs)
     plain = model.generate(ids, mask, use_cache=False, **kwargs)
+    assert [p.requires_grad for p in model.parameters()] == flags  # generate restores what it flips
     assert cached.shape == (2, 12)
     assert torch.equal(cached, plain)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

@@ -31,3 +31,24 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
         assert precision.cpu_has_fast_bf16() is True
     finally:
         precision.cpu_has_fast_bf16.cache_clear()
+
+
+def _casts(module, x, context) -> int:
+    """aten::_to_copy calls (dtype casts) of 3 forward calls in one bf16 autocast region."""
+    with torch.no_grad(), torch.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16), context:
+        for _ in range(3):
+            module(x)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_frozen_weights_are_cast_once_per_autocast_region():
+    import contextlib
+
+    lin = torch.nn.Linear(8, 8).requires_grad_(False)
+    x = torch.randn(2, 8)
+    assert _casts(lin, x, contextlib.nullcontext()) == 9  # input, weight, bias: 3 times each
+    assert _casts(lin, x, precision.reuse_autocast_casts(lin)) == 5  # weight and bias once
+    assert not any(p.requires_grad for p in lin.parameters())  # flags restored
+    with pytest.raises(RuntimeError, match="no_grad"):
+        with precision.reuse_autocast_casts(lin):
+            pass
