@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -38,7 +39,7 @@ def test_training_losses_identical_with_and_without_cache(experts, tiny_vqa, tmp
     assert _losses(tmp_path / "cached") == _losses(tmp_path / "plain")
     # 24 distinct image files in tiny_vqa (the two-image sample reuses two of them)
     [key_dir] = cache_dir.iterdir()
-    assert len(json.loads((key_dir / "index.json").read_text())["items"]) == 24
+    assert len(FeatureCache(cache_dir, key_dir.name)) == 24
     # a second run over the same data and encoder computes nothing new
     model = build_model(model_config(experts, "hf", "mlp", "qwen2"), MODES)
     cache = FeatureCache(cache_dir, key_dir.name)
@@ -109,3 +110,59 @@ def test_auto_and_explicit_settings(experts, tmp_path):
 def test_missing_key_is_named(tmp_path):
     with pytest.raises(KeyError, match="not in the feature cache"):
         FeatureCache(tmp_path, "k").get("0123456789abcdef")
+
+
+def test_shards_are_append_only_and_reads_hold_no_files(experts, tiny_vqa, tmp_path):
+
+    from seechat.data import feature_cache as fc
+
+    model = build_model(model_config(experts), MODES)
+    row_bytes = model.encoder.num_patches * model.encoder.hidden_size * 4  # fp32 features
+    cache = FeatureCache(tmp_path, "k", shard_bytes=3 * row_bytes)  # a shard closes at >= 3 rows
+    images = [f"images/{i}.png" for i in range(8)]
+    assert cache.fill(images[:5], model.encoder, tiny_vqa["root"], batch_size=2) == 5
+    shards = sorted(p.name for p in (tmp_path / "k").glob("shard-*.json"))
+    assert shards == ["shard-00000.json", "shard-00001.json"]  # rows 4 + 1 (batches of 2)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "k").iterdir()}
+    assert cache.fill(images, model.encoder, tiny_vqa["root"], batch_size=2) == 3
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "k").iterdir()}
+    assert {name: after[name] for name in before} == before  # nothing written is rewritten
+    assert sorted(after) == sorted(before) + ["shard-00002.bin", "shard-00002.json"]
+    fresh = FeatureCache(tmp_path, "k")
+    fds = len(os.listdir("/proc/self/fd"))
+    with torch.no_grad():
+        for name in images:
+            image = Image.open(f"{tiny_vqa['root']}/{name}").convert("RGB")
+            expected = model.encoder(model.encoder.transform(image)[None])[0]
+            assert torch.equal(fc.load_features(fresh, name, tiny_vqa["root"]), expected)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_known_files_are_not_read_again_until_they_change(experts, tiny_vqa, tmp_path, monkeypatch):
+    from seechat.data import feature_cache as fc
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_vqa["root"], root)
+    model = build_model(model_config(experts), MODES)
+    cache = FeatureCache(tmp_path / "cache", "k")
+    cache.fill(["images/0.png"], model.encoder, root)
+    key = image_key("images/0.png", root)
+    hashed = []
+    monkeypatch.setattr(fc, "image_key", lambda image, image_root=None: hashed.append(image) or key)
+    assert FeatureCache(tmp_path / "cache", "k").key_of("images/0.png", root) == key
+    assert hashed == []  # found by path, size and mtime
+    path = root / "images" / "0.png"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched
+    assert FeatureCache(tmp_path / "cache", "k").key_of("images/0.png", root) == key
+    assert hashed == ["images/0.png"]  # hashed again: the content decides
+
+
+def test_a_shard_cut_off_by_a_crash_is_ignored(experts, tiny_vqa, tmp_path):
+    model = build_model(model_config(experts), MODES)
+    cache = FeatureCache(tmp_path, "k")
+    writer = cache._writer()  # a fill killed before its shard was published
+    writer.write(["x"], torch.zeros(1, 2, 3), [None])
+    writer.file.close()
+    assert len(FeatureCache(tmp_path, "k")) == 0
+    assert FeatureCache(tmp_path, "k").fill(["images/0.png"], model.encoder, tiny_vqa["root"]) == 1
+    assert len(FeatureCache(tmp_path, "k")) == 1

@@ -5,17 +5,31 @@ epoch recomputes the same features: decoding, resizing and a full tower forward 
 The cache computes them once (`FeatureCache.fill`) and the dataset then hands the adapter the
 stored features instead of pixels.
 
-Layout: `<root>/<encoder key>/index.json` maps an image key to (shard, row), and each
-`features-<n>.npy` shard holds `[rows, N_patches, D]` features, read memory-mapped.
+Layout of `<root>/<encoder key>/`, append-only:
+
+- `shard-<n>.bin`: raw rows `[N_patches, D]` in the encoder's output dtype (bf16 stored as
+  its 16 bits), one after the other; `np.memmap(path, dtype, mode="r").reshape(-1, N, D)`
+  reads it. Shards grow to `shard_bytes` (1 GiB by default), so LLaVA-558K with ViT-L/14-336
+  features (1.2 MB per image) fits in ~650 shards.
+- `shard-<n>.json`: the shard's manifest, written (atomically) after the `.bin` is complete,
+  so a shard exists only once both are there and a fill killed half-way loses one partial
+  shard, never the index. It lists each row's image key and, for image files, the path, size
+  and mtime the key was computed from.
+
+Nothing is ever rewritten: adding images adds shards. Reads open the shard, read one row at
+its offset and close it again, so no file handles are held however many shards there are.
 
 - The image key is the SHA-256 of the image file's bytes (of the pixels and mode for an
   in-memory PIL image), so a changed file gets a new key and a renamed one is still found.
+  Hashing happens once per file: afterwards a file whose (path, size, mtime) are as recorded
+  is looked up without being read, as `make` does. A file rewritten in place keeping both
+  its size and its mtime would keep its old features.
 - The encoder key hashes everything that changes the features: the encoder class, every weight
   tensor, `feature_layer`, `keep_cls`, the transform's repr and the autocast dtype of the run.
   Any change gives a new directory: stale features are never read.
 
-Features are stored in the dtype the encoder produced them in (bf16 as uint16 bits), so a run
-with the cache computes exactly the losses of a run without it.
+Features are stored in the dtype the encoder produced them in, so a run with the cache
+computes exactly the losses of a run without it.
 """
 from __future__ import annotations
 
@@ -37,7 +51,8 @@ logger = logging.getLogger(__name__)
 # Transforms whose output depends on a random draw: features of one image would differ per epoch.
 _RANDOM_TRANSFORMS = ("Random", "ColorJitter", "RandAugment", "AutoAugment", "TrivialAugment",
                       "AugMix", "GaussianBlur", "ElasticTransform")
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+_STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+_DTYPES = {str(t).removeprefix("torch."): t for t in _STORED}
 
 
 def transform_is_deterministic(transform: Callable) -> bool:
@@ -73,67 +88,85 @@ def image_key(image: Any, image_root: str | os.PathLike | None = None) -> str:
     return h.hexdigest()
 
 
+def _file_of(image: Any, image_root: str | os.PathLike | None) -> Path | None:
+    """The file an image reference names (None for in-memory images)."""
+    if isinstance(image, Image.Image) or (isinstance(image, dict) and image.get("bytes") is not None):
+        return None
+    return resolve_image_path(image.get("path") if isinstance(image, dict) else image, image_root)
+
+
 class FeatureCache:
     """Features of one encoder (identified by `key`, see `encoder_key`) under `root`."""
 
-    def __init__(self, root: str | os.PathLike, key: str) -> None:
+    def __init__(self, root: str | os.PathLike, key: str, shard_bytes: int = 1 << 30) -> None:
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._index: dict[str, list] | None = None
-        self._meta: dict[str, Any] = {}
-        self._shards: dict[int, np.ndarray] = {}  # opened lazily: DataLoader workers open their own
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_shards": {}}
+        self.shard_bytes = shard_bytes
+        self._rows: dict[str, tuple[int, int]] | None = None  # image key -> (shard, row)
+        self._files: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> image key
+        self._shards: dict[int, dict[str, Any]] = {}  # shard -> {"dtype", "shape"}
 
     @property
-    def index(self) -> dict[str, list]:
-        if self._index is None:
-            path = self.dir / "index.json"
-            data = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "items": {}}
-            self._index, self._meta = data["items"], data["meta"]
-        return self._index
+    def rows(self) -> dict[str, tuple[int, int]]:
+        if self._rows is None:
+            self._rows = {}
+            for manifest in sorted(self.dir.glob("shard-*.json")):
+                self._register(json.loads(manifest.read_text()))
+        return self._rows
+
+    def _register(self, manifest: dict) -> None:
+        shard = manifest["shard"]
+        self._shards[shard] = {"dtype": manifest["dtype"], "shape": tuple(manifest["shape"])}
+        for row, entry in enumerate(manifest["rows"]):
+            self._rows[entry["key"]] = (shard, row)
+            if entry.get("file") is not None:
+                self._files[(entry["file"], entry["size"], entry["mtime_ns"])] = entry["key"]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.index
+        return key in self.rows
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.rows)
+
+    def key_of(self, image: Any, image_root: str | os.PathLike | None = None) -> str:
+        """The content key of an image reference; a file already hashed is not read again."""
+        self.rows  # noqa: B018 (loads the manifests, which hold the known files)
+        path = _file_of(image, image_root)
+        if path is not None:
+            stat = path.stat()
+            known = self._files.get((str(path), stat.st_size, stat.st_mtime_ns))
+            if known is not None:
+                return known
+        return image_key(image, image_root)
 
     def get(self, key: str) -> torch.Tensor:
         """Stored features `[N_patches, D]` of the image with content key `key`."""
-        if key not in self.index:
+        if key not in self.rows:
             raise KeyError(f"image {key[:12]}... is not in the feature cache {self.dir}; fill it first")
-        shard, row = self.index[key]
-        if shard not in self._shards:
-            self._shards[shard] = np.load(self.dir / f"features-{shard:05d}.npy", mmap_mode="r")
-        array = torch.from_numpy(np.array(self._shards[shard][row]))
-        return array.view(torch.bfloat16) if self._meta.get("dtype") == "bfloat16" else array
+        shard, row = self.rows[key]
+        info = self._shards[shard]
+        dtype = _DTYPES[info["dtype"]]
+        row_bytes = int(np.prod(info["shape"])) * dtype.itemsize
+        with open(self.dir / f"shard-{shard:05d}.bin", "rb") as f:
+            f.seek(row * row_bytes)
+            data = bytearray(f.read(row_bytes))
+        if len(data) != row_bytes:
+            raise OSError(f"{self.dir / f'shard-{shard:05d}.bin'} is truncated (row {row}); delete the cache")
+        return torch.frombuffer(data, dtype=dtype).view(info["shape"])
 
-    def add(self, keys: Sequence[str], features: torch.Tensor) -> None:
-        """Store `features[i]` under `keys[i]` as a new shard; the index is replaced atomically."""
+    def add(self, keys: Sequence[str], features: torch.Tensor, files: Sequence[dict | None] | None = None) -> None:
+        """Store `features[i]` under `keys[i]` as one new shard (`files[i]`: the path/size/mtime
+        the key was computed from, or None)."""
         if len(keys) != features.shape[0]:
             raise ValueError(f"{len(keys)} keys for {features.shape[0]} feature rows")
-        if not keys:
-            return
-        dtype = features.dtype
-        if dtype not in _NUMPY_DTYPES:
-            raise ValueError(f"cannot store features of dtype {dtype}")
-        index = self.index
-        if self._meta.get("dtype", str(dtype).removeprefix("torch.")) != str(dtype).removeprefix("torch."):
-            raise ValueError(f"cache {self.dir} holds {self._meta['dtype']} features, got {dtype}")
-        self._meta["dtype"] = str(dtype).removeprefix("torch.")
-        shard = 1 + max((s for s, _ in index.values()), default=-1)
-        data = features.detach().cpu().contiguous()
-        array = (data.view(torch.uint16) if dtype == torch.bfloat16 else data).numpy()
-        tmp = self.dir / f".features-{shard:05d}.npy"
-        np.save(tmp, array)
-        os.replace(tmp, self.dir / f"features-{shard:05d}.npy")
-        for row, key in enumerate(keys):
-            index[key] = [shard, row]
-        tmp_index = self.dir / ".index.json"
-        tmp_index.write_text(json.dumps({"meta": self._meta, "items": index}))
-        os.replace(tmp_index, self.dir / "index.json")
+        if keys:
+            writer = self._writer()
+            writer.write(keys, features, files or [None] * len(keys))
+            writer.close()
+
+    def _writer(self) -> "_ShardWriter":
+        self.rows  # noqa: B018 (loads the manifests: the new shard's number follows theirs)
+        return _ShardWriter(self, 1 + max(self._shards, default=-1))
 
     @torch.no_grad()
     def fill(
@@ -150,35 +183,88 @@ class FeatureCache:
         (`on_error="raise"`) or are left out; the dataset then meets them and skips the sample."""
         from seechat.data.schema import SampleError
 
-        todo: dict[str, Any] = {}
+        todo: dict[str, tuple[Any, dict | None]] = {}
         for image in images:
             try:
-                key = image_key(image, image_root)
+                key = self.key_of(image, image_root)
+                path = _file_of(image, image_root)
             except OSError as err:
                 if on_error == "raise":
                     raise SampleError(None, f"cannot read image for the feature cache: {err}") from err
                 continue
-            if key not in self.index and key not in todo:
-                todo[key] = image
+            if key not in self.rows and key not in todo:
+                stat = path.stat() if path is not None else None
+                file = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
+                todo[key] = (image, file)
         device = next(encoder.parameters()).device
-        keys, pending, done = [], [], 0
+        writer, done = None, 0
         items = list(todo.items())
-        for i, (key, image) in enumerate(items):
-            try:
-                pending.append(encoder.transform(load_image(image, image_root)))
+        for start in range(0, len(items), batch_size):
+            keys, files, pixels = [], [], []
+            for key, (image, file) in items[start:start + batch_size]:
+                try:
+                    pixels.append(encoder.transform(load_image(image, image_root)))
+                except SampleError:
+                    if on_error == "raise":
+                        raise
+                    continue
                 keys.append(key)
-            except SampleError:
-                if on_error == "raise":
-                    raise
-            if len(pending) == batch_size or (i == len(items) - 1 and pending):
-                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
-                    features = encoder(torch.stack(pending).to(device))
-                self.add(keys, features)
-                done += len(keys)
-                keys, pending = [], []
+                files.append(file)
+            if not keys:
+                continue
+            with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+                features = encoder(torch.stack(pixels).to(device))
+            writer = writer or self._writer()
+            writer.write(keys, features, files)
+            if writer.bytes >= self.shard_bytes:
+                writer.close()
+                writer = None
+            done += len(keys)
+        if writer is not None:
+            writer.close()
         if done:
-            logger.info("feature cache %s: computed %d image(s), %d cached", self.dir, done, len(self.index))
+            logger.info("feature cache %s: computed %d image(s), %d cached", self.dir, done, len(self.rows))
         return done
+
+
+class _ShardWriter:
+    """Appends rows to one new shard; `close` publishes it (manifest last, atomically)."""
+
+    def __init__(self, cache: FeatureCache, shard: int) -> None:
+        self.cache, self.shard = cache, shard
+        self.tmp = cache.dir / f".shard-{shard:05d}.bin.tmp"
+        self.file = open(self.tmp, "wb")
+        self.rows: list[dict] = []
+        self.dtype: torch.dtype | None = None
+        self.shape: tuple[int, ...] | None = None
+        self.bytes = 0
+
+    def write(self, keys: Sequence[str], features: torch.Tensor, files: Sequence[dict | None]) -> None:
+        if features.dtype not in _STORED:
+            raise ValueError(f"cannot store features of dtype {features.dtype}")
+        if self.dtype is None:
+            self.dtype, self.shape = features.dtype, tuple(features.shape[1:])
+        if (features.dtype, tuple(features.shape[1:])) != (self.dtype, self.shape):
+            raise ValueError(f"features {features.dtype} {tuple(features.shape[1:])} differ from the shard's "
+                             f"{self.dtype} {self.shape}")
+        data = features.detach().cpu().contiguous()
+        array = (data.view(torch.uint16) if data.dtype == torch.bfloat16 else data).numpy()
+        self.file.write(array.tobytes())
+        self.bytes += array.nbytes
+        self.rows += [{"key": key, **(file or {})} for key, file in zip(keys, files)]
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        d = self.cache.dir
+        os.replace(self.tmp, d / f"shard-{self.shard:05d}.bin")
+        manifest = {"shard": self.shard, "dtype": str(self.dtype).removeprefix("torch."),
+                    "shape": list(self.shape), "rows": self.rows}
+        tmp = d / f".shard-{self.shard:05d}.json.tmp"
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, d / f"shard-{self.shard:05d}.json")
+        self.cache._register(manifest)
 
 
 def image_entries(records: Iterable[Any]) -> Iterable[Any]:
@@ -194,7 +280,7 @@ def image_entries(records: Iterable[Any]) -> Iterable[Any]:
 
 def load_features(cache: FeatureCache, image: Any, image_root: str | os.PathLike | None) -> torch.Tensor:
     """Cached features of one image reference (for the dataset)."""
-    return cache.get(image_key(image, image_root))
+    return cache.get(cache.key_of(image, image_root))
 
 
 def resolve_feature_cache(
