@@ -240,7 +240,9 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                 resumed_rng = None
             batches_done += 1
             skipped += batch["skipped"]
-            if batch["input_ids"] is None:
+            if batch["input_ids"] is None:  # every sample of the batch was skipped
+                # Safe with several processes: the collectives are per step, not per batch, and
+                # this process goes on to its next batch, so none waits for it (test_distributed).
                 continue
             with accelerator.accumulate(model):
                 loss = model(

@@ -71,6 +71,26 @@ def test_two_processes_match_one_process(experts, tiny_vqa, tmp_path):
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 5  # written by the main process only
 
 
+@pytest.mark.slow
+def test_a_process_whose_batch_is_all_skipped_does_not_stall_the_others(experts, tiny_vqa, tmp_path):
+    # Batch 1 per process: whichever process draws the unreadable sample has nothing to train
+    # on at that step while the other has a sample. The collectives are per step, so the first
+    # goes on to its next batch and both still run the same 4 steps.
+    records = json.loads(Path(tiny_vqa["train"]).read_text())[:6]
+    records[2] = {**records[2], "id": "broken", "image": "images/missing.png"}
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    out = tmp_path / "two"
+    tiny_recipe(experts, {**tiny_vqa, "train": str(tmp_path / "bad.json")}, str(out))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--mixed_precision", "no"]
+    cmd = [*launch, str(REPO_ROOT / "recipes" / "align.py"), "--config", f"{out}.recipe.yaml",
+           "train.max_steps=4", "train.batch_size=1", "data.on_error=skip"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)  # a stall ends here
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(losses(out)) == 4 and (out / "final").is_dir()
+    assert "skipped samples: 1" in proc.stdout
+
+
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("cpu2", "MULTI_GPU"), ("fsdp", "FSDP"),
                                         ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")])
 def test_accelerate_configs_parse(name, kind):
