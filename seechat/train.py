@@ -7,6 +7,7 @@ latest checkpoint; the continued run matches an uninterrupted one (same seed, sa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -234,56 +235,57 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         if isinstance(sampler, LengthGroupedSampler):
             sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        micro: list[dict] = []  # the micro-batches of one update (train.grad_accum of them)
         for batch in batches:
             if resumed_rng is not None:
                 torch.set_rng_state(resumed_rng)
                 resumed_rng = None
             batches_done += 1
             skipped += batch["skipped"]
-            if batch["input_ids"] is None:  # every sample of the batch was skipped
-                # Safe with several processes: the collectives are per step, not per batch, and
-                # this process goes on to its next batch, so none waits for it (test_distributed).
+            if batch["input_ids"] is not None:  # None: every sample of the batch was skipped
+                # (safe with several processes: the collectives below are per update, not per
+                # batch, and this process goes on to its next batch; test_distributed)
+                micro.append(batch)
+            if not micro or (len(micro) < tcfg["grad_accum"] and not accelerator.gradient_state.end_of_dataloader):
                 continue
-            with accelerator.accumulate(model):
-                loss = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"],
-                    num_images=batch["num_images"],
-                    labels=batch["labels"],
-                    sample_ids=batch["ids"],
-                    image_features=batch.get("image_features"),
-                    position_ids=batch.get("position_ids"),
-                ).loss
-                # The loss is a mean over this process's supervised tokens, and DDP averages the
-                # processes' gradients. Weighting each process by its share of the global token
-                # count makes the gradient the mean over all supervised tokens of the global
-                # batch, as in one process (else a process with few answer tokens counts as much
-                # as one with many).
-                tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
-                if accelerator.num_processes > 1:
-                    total_tokens = accelerator.reduce(tokens.clone(), reduction="sum").clamp(min=1)
-                    accelerator.backward(loss * (tokens * accelerator.num_processes / total_tokens))
-                else:
-                    accelerator.backward(loss)
-                finite = True
-                if accelerator.sync_gradients:
-                    # max_norm=inf measures without clipping: the guard needs the norm either way.
-                    norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"] or math.inf)
-                    finite = guard.is_finite(accelerator, [*window, loss.detach()], norm)
-                # A NaN/inf update is not applied: zero_grad below drops it. With fp16's
-                # GradScaler the optimizer still "steps": the scaler skips a non-finite step
-                # itself, and must see it to lower its scale (and reset its unscale state).
-                if finite or accelerator.scaler is not None:
-                    optimizer.step()
-                if accelerator.sync_gradients:  # skipped updates count as steps: the schedule ends on time
-                    scheduler.step()
-                optimizer.zero_grad()
-            window.append(loss.detach().float() * tokens)
-            window_tokens.append(tokens)
-            seen += batch["input_ids"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
+            # Every supervised token of the update weighs the same, whichever micro-batch and
+            # process holds it: micro-batch i of a process is weighted by its share of the
+            # update's global token count (so 2 processes x 2 micro-batches of 1 train exactly
+            # like 1 process x 1 batch of 4). Accumulation syncs DDP only on the last micro-batch.
+            counts = [(b["labels"][:, 1:] != IGNORE_INDEX).sum().float() for b in micro]
+            total_tokens = torch.stack(counts).sum()
+            if accelerator.num_processes > 1:
+                total_tokens = accelerator.reduce(total_tokens.clone(), reduction="sum")
+            # (accelerate divides each backward by grad_accum and DDP averages over processes;
+            # written so that one process without accumulation multiplies the loss by exactly 1)
+            undo = accelerator.gradient_accumulation_steps * accelerator.num_processes
+            for i, b in enumerate(micro):
+                with contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                    loss = model(
+                        input_ids=b["input_ids"],
+                        attention_mask=b["attention_mask"],
+                        pixel_values=b["pixel_values"],
+                        num_images=b["num_images"],
+                        labels=b["labels"],
+                        sample_ids=b["ids"],
+                        image_features=b.get("image_features"),
+                        position_ids=b.get("position_ids"),
+                    ).loss
+                    accelerator.backward(loss * (counts[i] / total_tokens.clamp(min=1) * undo))
+                window.append(loss.detach().float() * counts[i])
+                window_tokens.append(counts[i])
+                seen += b["input_ids"].shape[0] * accelerator.num_processes
+            micro = []
+            # max_norm=inf measures without clipping: the guard needs the norm either way.
+            norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"] or math.inf)
+            finite = guard.is_finite(accelerator, window, norm)
+            # A NaN/inf update is not applied: zero_grad below drops it. With fp16's GradScaler
+            # the optimizer still "steps": the scaler skips a non-finite step itself, and must
+            # see it to lower its scale (and reset its unscale state).
+            if finite or accelerator.scaler is not None:
+                optimizer.step()
+            scheduler.step()  # skipped updates count as steps: the schedule ends on time
+            optimizer.zero_grad()
             step += 1
             stop_message = guard.update(finite, step)
             # mean over every supervised token of the update, on all processes

@@ -51,6 +51,25 @@ def test_kill_and_resume_matches_uninterrupted_run(experts, tiny_vqa, tmp_path):
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
 
 
+def test_accumulated_micro_batches_train_like_one_batch(experts, tiny_vqa, tmp_path):
+    # Answers of different token counts: weighting each micro-batch's mean loss equally would
+    # over-weight the tokens of short answers (the losses differ by ~1e-2 then).
+    records = json.loads(Path(tiny_vqa["train"]).read_text())
+    records = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": " ".join(
+        [r["conversations"][1]["value"]] * (1 + i % 4))}]} for i, r in enumerate(records[:24])]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    data = {**tiny_vqa, "train": str(tmp_path / "mixed.json")}
+    common = ["train.max_steps=6", "train.lr=1e-2"]
+    run(tiny_recipe(experts, data, str(tmp_path / "one"), *common, "train.batch_size=4"))
+    run(tiny_recipe(experts, data, str(tmp_path / "acc"), *common, "train.batch_size=2", "train.grad_accum=2"))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "acc")
+    assert len(a) == len(b) == 6 and a[-1] < a[0]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    wa = load_file(tmp_path / "one" / "final" / "adapter.safetensors")
+    wb = load_file(tmp_path / "acc" / "final" / "adapter.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
 @pytest.fixture()
 def broken_data(tiny_vqa, tmp_path):
     """The tiny set as JSONL with a corrupt image and a malformed line."""
