@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ __all__ = ["NotExpressibleError", "export_llava_hf", "llava_chat_template", "mod
 # Images become "<image>\n" before the message's text - what SeeChatVLM.chat() writes - so the
 # exported template renders the same prompt as seechat. String contents pass through unchanged,
 # then the LM's own template renders the flattened messages.
+EXPORT_MARKER = "seechat_export.json"  # marks a directory `seechat export` wrote
 _FLATTEN = (
     "{%- set ns = namespace(messages=[]) -%}"
     "{%- for m in messages -%}"
@@ -203,40 +205,45 @@ def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     safetensors, tokenizer (with <image>), image processor + processor configs, chat template,
     generation config. Raises `NotExpressibleError` for models Llava cannot represent."""
     from .merge import load_unquantised
+    from .saving import output_dir, publish_dir
 
-    model = load_unquantised(model_dir)
-    llava = model_to_llava(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = model.tokenizer
-    template = llava_chat_template(tokenizer.chat_template)
-    tokenizer.chat_template = template
-    cfg = llava.config
-    processor = LlavaProcessor(
-        image_processor=image_processor_for(model),
-        tokenizer=tokenizer,
-        patch_size=cfg.vision_config.patch_size,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        chat_template=template,
-        image_token=IMAGE_TOKEN,
-        # Llava's processor counts (H/p)*(W/p) + this, minus one for "default" (CLS dropped).
-        num_additional_image_tokens=1 if cfg.vision_config.model_type == "clip_vision_model" else 0,
-    )
-    eos = tokenizer.eos_token_id
-    llava.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        # seechat never emits the placeholder token; neither should the export.
-        suppress_tokens=[model.image_token_id],
-        max_new_tokens=64,
-    )
-    llava.save_pretrained(out)
-    _hub_vision_prefix(out)
-    processor.save_pretrained(out)
-    n = processor._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0]
-    if n != cfg.image_seq_length:
-        raise RuntimeError(f"exported processor expands <image> to {n} tokens, the model expects {cfg.image_seq_length}")
-    (out / "seechat_export.json").write_text(json.dumps({"source": str(model_dir), "model": model.config}, indent=2, default=str))
-    return out
+    out = output_dir(out_dir, EXPORT_MARKER)  # written aside, then moved: no stale shards survive
+    try:
+        model = load_unquantised(model_dir)
+        llava = model_to_llava(model)
+        tokenizer = model.tokenizer
+        template = llava_chat_template(tokenizer.chat_template)
+        tokenizer.chat_template = template
+        cfg = llava.config
+        processor = LlavaProcessor(
+            image_processor=image_processor_for(model),
+            tokenizer=tokenizer,
+            patch_size=cfg.vision_config.patch_size,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            chat_template=template,
+            image_token=IMAGE_TOKEN,
+            # Llava's processor counts (H/p)*(W/p) + this, minus one for "default" (CLS dropped).
+            num_additional_image_tokens=1 if cfg.vision_config.model_type == "clip_vision_model" else 0,
+        )
+        eos = tokenizer.eos_token_id
+        llava.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=False,
+            # seechat never emits the placeholder token; neither should the export.
+            suppress_tokens=[model.image_token_id],
+            max_new_tokens=64,
+        )
+        llava.save_pretrained(out)
+        _hub_vision_prefix(out)
+        processor.save_pretrained(out)
+        n = processor._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0]
+        if n != cfg.image_seq_length:
+            raise RuntimeError(f"exported processor expands <image> to {n} tokens, the model expects {cfg.image_seq_length}")
+        (out / EXPORT_MARKER).write_text(json.dumps({"source": str(model_dir), "model": model.config}, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    publish_dir(out, out_dir)
+    return Path(out_dir)

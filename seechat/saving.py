@@ -41,14 +41,34 @@ def _tensors(module, lora: bool) -> dict:
     }
 
 
+def output_dir(directory: str | os.PathLike, marker: str) -> Path:
+    """A fresh temporary directory beside `directory`, to be moved there by `publish_dir`.
+    An existing `directory` may only be an earlier output of the same kind (it holds the file
+    `marker`) or empty: it is replaced whole, so no stale file of an earlier write survives,
+    and nothing else is ever deleted."""
+    final = Path(directory)
+    if final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / marker).is_file()):
+        raise FileExistsError(f"{final} exists and is not an earlier seechat output (no {marker} in it); "
+                              "refusing to replace it. Give a new or empty directory.")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, directory: str | os.PathLike) -> None:
+    """Replace `directory` by the finished `tmp` (see `output_dir`)."""
+    final = Path(directory)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike, standalone: bool = False) -> None:
     """Write the model to `directory` (replaced atomically: written beside it, then renamed).
     `standalone=True` stores every module's weights instead of references to frozen experts
     (what `seechat merge` writes: a checkpoint that needs nothing else)."""
-    final = Path(directory)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = output_dir(directory, META)
     cfg, modes = model.config, model.modes
     stored: dict[str, Any] = {"tokenizer": "tokenizer", "adapter": "adapter.safetensors"}
     model.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -74,9 +94,7 @@ def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike, standalone:
         stored["llm_lora"] = "llm_lora"
     meta = {"format": FORMAT, "model": cfg, "modes": modes, "stored": stored}
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, directory)
 
 
 def saved_modes(directory: str | os.PathLike) -> dict[str, str]:

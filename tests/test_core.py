@@ -228,6 +228,22 @@ def test_save_load_gives_identical_logits(experts, tmp_path, modes):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+def test_saving_replaces_an_earlier_save_but_never_an_unrelated_directory(experts, tmp_path):
+    model = build_model(model_config(experts), ALIGN)
+    model.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "stale.safetensors").write_bytes(b"old")
+    model.save_pretrained(tmp_path / "saved")  # over an earlier save: replaced whole
+    assert not (tmp_path / "saved" / "stale.safetensors").exists()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"home exists and is not an earlier seechat output \(no seechat.json"):
+        model.save_pretrained(tmp_path / "home")
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")  # an empty directory is fine
+    assert (tmp_path / "empty" / "seechat.json").is_file()
+
+
 def test_frozen_llm_lora_save_holds_no_llm_weights(experts, tmp_path):
     cfg = model_config(experts, "hf", "mlp", "llama", lora={"target_modules": ["q_proj", "v_proj"]})
     model = build_model(cfg, {"encoder": "frozen", "adapter": "full", "llm": "lora"})

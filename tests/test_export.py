@@ -106,9 +106,20 @@ def test_export_cli_and_refusals(experts, tmp_path):
     deep = saved_model(experts, tmp_path / "deep", adapter_cfg={"projector": "mlp3x_gelu"})
     with pytest.raises(NotExpressibleError, match="mlp3x_gelu"):
         export_llava_hf(deep, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()  # a refusal leaves nothing
     plain = saved_model(experts, tmp_path / "plain")
     assert main(["export", "--model", str(plain), "--to", "llava-hf", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "config.json").is_file()
+    # Exporting again over an earlier export replaces it whole: no stale shard survives.
+    (tmp_path / "cli" / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    export_llava_hf(plain, tmp_path / "cli")
+    assert not (tmp_path / "cli" / "model-00002-of-00002.safetensors").exists()
+    # A directory that is not an earlier export is refused, not emptied.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"mine exists and is not an earlier seechat output"):
+        export_llava_hf(plain, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_open_clip_layerscale_folds_and_unsupported_parts_are_named(experts):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,16 @@ TRAINING_KEYS = {"llm": ("mode", "lr", "gradient_checkpointing"),
 
 def save_native(model: NativeVLM, directory: str | os.PathLike) -> None:
     """Write `model` to `directory` (written beside it, then renamed into place)."""
-    final = Path(directory)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from seechat.saving import output_dir, publish_dir
+
+    tmp = output_dir(directory, META)
     model.tokenizer.save_pretrained(tmp / "tokenizer")
     model.encoder.save_pretrained(tmp / "vq")
     model.base_llm.save_pretrained(tmp / "llm")
     meta = {"format": FORMAT, "model": model.config, "modes": model.modes,
             "stored": {"tokenizer": "tokenizer", "vq": "vq", "llm": "llm"}}
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, directory)
 
 
 def load_native(root: Path, meta: dict, trainable: bool = False, modes: dict[str, str] | None = None,
