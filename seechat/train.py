@@ -33,6 +33,7 @@ from .modes import MODULES, parameter_table, resolve_modes
 from .precision import resolve_mixed_precision
 from .checkpoint import STATE, latest_checkpoint, remove_stale, save_checkpoint
 from .guard import NonFiniteError, NonFiniteGuard
+from .loss import reuse_frozen_head_casts
 from .saving import load
 
 logger = logging.getLogger(__name__)
@@ -229,96 +230,98 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     stop_after = tcfg.get("stop_after")
     max_seconds, timed_out = tcfg.get("max_seconds"), False
     finished = step >= total
-    while not finished:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        if isinstance(sampler, LengthGroupedSampler):
-            sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-        micro: list[dict] = []  # the micro-batches of one update (train.grad_accum of them)
-        for batch in batches:
-            if resumed_rng is not None:
-                torch.set_rng_state(resumed_rng)
-                resumed_rng = None
-            batches_done += 1
-            skipped += batch["skipped"]
-            if batch["input_ids"] is not None:  # None: every sample of the batch was skipped
-                # (safe with several processes: the collectives below are per update, not per
-                # batch, and this process goes on to its next batch; test_distributed)
-                micro.append(batch)
-            if not micro or (len(micro) < tcfg["grad_accum"] and not accelerator.gradient_state.end_of_dataloader):
-                continue
-            # Every supervised token of the update weighs the same, whichever micro-batch and
-            # process holds it: micro-batch i of a process is weighted by its share of the
-            # update's global token count (so 2 processes x 2 micro-batches of 1 train exactly
-            # like 1 process x 1 batch of 4). Accumulation syncs DDP only on the last micro-batch.
-            counts = [(b["labels"][:, 1:] != IGNORE_INDEX).sum().float() for b in micro]
-            total_tokens = torch.stack(counts).sum()
-            if accelerator.num_processes > 1:
-                total_tokens = accelerator.reduce(total_tokens.clone(), reduction="sum")
-            # (accelerate divides each backward by grad_accum and DDP averages over processes;
-            # written so that one process without accumulation multiplies the loss by exactly 1)
-            undo = accelerator.gradient_accumulation_steps * accelerator.num_processes
-            for i, b in enumerate(micro):
-                with contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
-                    loss = model(
-                        input_ids=b["input_ids"],
-                        attention_mask=b["attention_mask"],
-                        pixel_values=b["pixel_values"],
-                        num_images=b["num_images"],
-                        labels=b["labels"],
-                        sample_ids=b["ids"],
-                        image_features=b.get("image_features"),
-                        position_ids=b.get("position_ids"),
-                    ).loss
-                    accelerator.backward(loss * (counts[i] / total_tokens.clamp(min=1) * undo))
-                window.append(loss.detach().float() * counts[i])
-                window_tokens.append(counts[i])
-                seen += b["input_ids"].shape[0] * accelerator.num_processes
-            micro = []
-            # max_norm=inf measures without clipping: the guard needs the norm either way.
-            norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"] or math.inf)
-            finite = guard.is_finite(accelerator, window, norm)
-            # A NaN/inf update is not applied: zero_grad below drops it. With fp16's GradScaler
-            # the optimizer still "steps": the scaler skips a non-finite step itself, and must
-            # see it to lower its scale (and reset its unscale state).
-            if finite or accelerator.scaler is not None:
-                optimizer.step()
-            scheduler.step()  # skipped updates count as steps: the schedule ends on time
-            optimizer.zero_grad()
-            step += 1
-            stop_message = guard.update(finite, step)
-            # mean over every supervised token of the update, on all processes
-            summed = accelerator.reduce(torch.stack([torch.stack(window).sum(), torch.stack(window_tokens).sum()]),
-                                        reduction="sum")
-            last_loss = (summed[0] / summed[1].clamp(min=1)).item()
-            window, window_tokens = [], []
-            rate = seen / max(time.time() - t0, 1e-9)
-            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                      **({"nonfinite_steps": guard.total} if guard.total else {})}
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
-            if metrics_file and (step % tcfg["log_every"] == 0 or step == total):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if tcfg["trackers"]:
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            if stop_message or (tcfg["save_every"] and step % tcfg["save_every"] == 0):
-                _save_checkpoint(accelerator, out, step, epoch, batches_done, skipped, tcfg["save_total_limit"],
-                                 guard)
-            if stop_message:
-                if metrics_file:
-                    metrics_file.close()
-                accelerator.end_training()
-                raise NonFiniteError(f"{stop_message} Checkpoint (weights before those steps): {out / f'checkpoint-{step}'}")
-            if max_seconds:  # every process stops at the same step: any one over budget stops all
-                over = torch.tensor([time.time() - t0 >= max_seconds], device=accelerator.device)
-                timed_out = bool(accelerator.gather(over).any())
-            if step >= total or timed_out or (stop_after and step >= stop_after):
-                finished = True
-                break
-        else:
-            epoch, batches_done = epoch + 1, 0
+    with reuse_frozen_head_casts():  # a frozen LM head is cast to bf16 once, not every step
+        while not finished:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+            micro: list[dict] = []  # the micro-batches of one update (train.grad_accum of them)
+            for batch in batches:
+                if resumed_rng is not None:
+                    torch.set_rng_state(resumed_rng)
+                    resumed_rng = None
+                batches_done += 1
+                skipped += batch["skipped"]
+                if batch["input_ids"] is not None:  # None: every sample of the batch was skipped
+                    # (safe with several processes: the collectives below are per update, not per
+                    # batch, and this process goes on to its next batch; test_distributed)
+                    micro.append(batch)
+                if not micro or (len(micro) < tcfg["grad_accum"] and not accelerator.gradient_state.end_of_dataloader):
+                    continue
+                # Every supervised token of the update weighs the same, whichever micro-batch and
+                # process holds it: micro-batch i of a process is weighted by its share of the
+                # update's global token count (so 2 processes x 2 micro-batches of 1 train exactly
+                # like 1 process x 1 batch of 4). Accumulation syncs DDP only on the last micro-batch.
+                counts = [(b["labels"][:, 1:] != IGNORE_INDEX).sum().float() for b in micro]
+                total_tokens = torch.stack(counts).sum()
+                if accelerator.num_processes > 1:
+                    total_tokens = accelerator.reduce(total_tokens.clone(), reduction="sum")
+                # (accelerate divides each backward by grad_accum and DDP averages over processes;
+                # written so that one process without accumulation multiplies the loss by exactly 1)
+                undo = accelerator.gradient_accumulation_steps * accelerator.num_processes
+                for i, b in enumerate(micro):
+                    with contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                        loss = model(
+                            input_ids=b["input_ids"],
+                            attention_mask=b["attention_mask"],
+                            pixel_values=b["pixel_values"],
+                            num_images=b["num_images"],
+                            labels=b["labels"],
+                            sample_ids=b["ids"],
+                            image_features=b.get("image_features"),
+                            position_ids=b.get("position_ids"),
+                        ).loss
+                        accelerator.backward(loss * (counts[i] / total_tokens.clamp(min=1) * undo))
+                    window.append(loss.detach().float() * counts[i])
+                    window_tokens.append(counts[i])
+                    seen += b["input_ids"].shape[0] * accelerator.num_processes
+                micro = []
+                # max_norm=inf measures without clipping: the guard needs the norm either way.
+                norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"] or math.inf)
+                finite = guard.is_finite(accelerator, window, norm)
+                # A NaN/inf update is not applied: zero_grad below drops it. With fp16's GradScaler
+                # the optimizer still "steps": the scaler skips a non-finite step itself, and must
+                # see it to lower its scale (and reset its unscale state).
+                if finite or accelerator.scaler is not None:
+                    optimizer.step()
+                scheduler.step()  # skipped updates count as steps: the schedule ends on time
+                optimizer.zero_grad()
+                step += 1
+                stop_message = guard.update(finite, step)
+                # mean over every supervised token of the update, on all processes
+                summed = accelerator.reduce(torch.stack([torch.stack(window).sum(), torch.stack(window_tokens).sum()]),
+                                            reduction="sum")
+                last_loss = (summed[0] / summed[1].clamp(min=1)).item()
+                window, window_tokens = [], []
+                rate = seen / max(time.time() - t0, 1e-9)
+                record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                          **({"nonfinite_steps": guard.total} if guard.total else {})}
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
+                if metrics_file and (step % tcfg["log_every"] == 0 or step == total):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if tcfg["trackers"]:
+                        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                if stop_message or (tcfg["save_every"] and step % tcfg["save_every"] == 0):
+                    _save_checkpoint(accelerator, out, step, epoch, batches_done, skipped, tcfg["save_total_limit"],
+                                     guard)
+                if stop_message:
+                    if metrics_file:
+                        metrics_file.close()
+                    accelerator.end_training()
+                    raise NonFiniteError(
+                        f"{stop_message} Checkpoint (weights before those steps): {out / f'checkpoint-{step}'}")
+                if max_seconds:  # every process stops at the same step: any one over budget stops all
+                    over = torch.tensor([time.time() - t0 >= max_seconds], device=accelerator.device)
+                    timed_out = bool(accelerator.gather(over).any())
+                if step >= total or timed_out or (stop_after and step >= stop_after):
+                    finished = True
+                    break
+            else:
+                epoch, batches_done = epoch + 1, 0
     loop_seconds = time.time() - t0
     if step < total and not timed_out:  # stop_after: behave like a killed run (no final model)
         bar.close()

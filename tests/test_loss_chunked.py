@@ -74,3 +74,26 @@ def test_vlm_loss_equals_full_logits_loss(experts):
     assert abs(loss.item() - full.item()) <= 1e-5 * abs(full.item())
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_head_is_cast_once_per_block_and_a_trained_one_every_time():
+    from seechat.loss import reuse_frozen_head_casts
+
+    frozen = nn.Linear(8, 50, bias=False).requires_grad_(False)
+    trained = nn.Linear(8, 50, bias=False)
+    h, t = torch.randn(6, 8, requires_grad=True), torch.randint(0, 50, (6,))
+
+    def casts(head) -> int:
+        with torch.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(3):
+                chunked_head_loss(h, head, t).backward()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    plain, plain_trained = casts(frozen), casts(trained)
+    with reuse_frozen_head_casts():
+        assert casts(frozen) == plain - 2  # the weight: once instead of 3 times
+        assert casts(trained) == plain_trained  # a weight that trains changes every step
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cached = chunked_head_loss(h, frozen, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cached, chunked_head_loss(h, frozen, t))  # same numbers either way
