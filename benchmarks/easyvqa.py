@@ -15,47 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from seechat.demo.pipeline import run_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _commit() -> str:
-    try:
-        # "-dirty" when the work tree differs from the commit: the figure then belongs to no commit
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _machine() -> dict:
-    """What the figures depend on: bf16 kernels differ between CPUs (AVX512-BF16, AMX, emulated),
-    so the same seed trains slightly different numbers on different machines."""
-    from seechat.precision import cpu_has_fast_bf16
-
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": model,
-            "bf16_matrix_units": cpu_has_fast_bf16(), "torch": torch.__version__}
-
-
 def run_one(seed: int, overrides: list[str]) -> dict:
-    start, commit = time.time(), _commit()  # the code the run imports is the code at its start
+    start, commit = time.time(), provenance.commit()  # the code the run imports is the code at its start
     result = run_seed(seed, overrides, fresh=True)
     out = {
         "command": f"python benchmarks/easyvqa.py --seeds {seed} " + " ".join(overrides),
@@ -71,7 +45,7 @@ def run_one(seed: int, overrides: list[str]) -> dict:
         "finetune": result["finetune"],
         "wall_seconds": time.time() - start,
         "finished_at": time.time(),
-        "machine": _machine(),
+        "machine": provenance.machine(),
     }
     (RESULTS / f"easyvqa_seed{seed}.json").write_text(json.dumps(out, indent=2) + "\n")
     return out

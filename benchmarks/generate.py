@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from llava_reference import llava_from, seechat_model, synthetic_batch  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
                                  min_new_tokens=n, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
         return out[:, ids.shape[1]:]
 
-    results: dict = {"command": "python " + " ".join(sys.argv), "threads": args.threads,
+    results: dict = {**provenance(), "command": "python " + " ".join(sys.argv), "threads": args.threads,
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "load_average_start": os.getloadavg(), "batch": args.batch, "new_tokens": n,
                      "prompt_tokens": int(ids.shape[1]), "rounds": []}

@@ -165,7 +165,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.configs, args.batch_size, args.steps, args.threads)))
         return
-    results: dict = {"command": "python " + " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    sys.path.insert(0, str(HERE))
+    from provenance import provenance
+
+    results: dict = {**provenance(), "command": "python " + " ".join(sys.argv),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "threads": args.threads, "load_average_start": os.getloadavg(), "configs": {}}
     for config in args.configs.split(","):
         systems = ("seechat", CONFIGS[config]["reference"])

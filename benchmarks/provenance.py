@@ -1,0 +1,37 @@
+"""What a benchmark figure belongs to: the commit (with "-dirty" when the work tree differs
+from it, so the figure belongs to no commit) and the machine (bf16 kernels differ between CPUs:
+AVX512-BF16, AMX, emulated)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    from seechat.precision import cpu_has_fast_bf16
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": model,
+            "bf16_matrix_units": cpu_has_fast_bf16(), "torch": torch.__version__}
+
+
+def provenance() -> dict:
+    """Commit and machine; call it at the start of a run (the code a run imports is the code at its start)."""
+    return {"commit": commit(), "machine": machine()}
