@@ -33,7 +33,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .saving import load
 
     model = load(args.model)
-    output_dir = args.output_dir or Path(args.model) / "eval" / Path(args.data).stem
+    # Beside the model, not in it: a model directory is replaced whole when saved again,
+    # and may be read-only (a shared or downloaded checkpoint).
+    where = Path(args.model)
+    output_dir = args.output_dir or where.with_name(f"{where.name}-eval") / Path(args.data).stem
     result = evaluate_to_dir(
         model, args.data, output_dir, predictions_path=args.predictions, model_dir=args.model,
         image_root=args.image_root, max_samples=args.max_samples,
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--output-dir", default=None,
-                   help="where predictions.jsonl and summary.json go (default: MODEL/eval/<data file name>)")
+                   help="where predictions.jsonl and summary.json go (default: MODEL-eval/<data file name>, beside MODEL)")
     p.add_argument("--predictions", default=None, help="write predictions.jsonl here instead")
     p.set_defaults(func=_eval)
 

@@ -46,7 +46,7 @@ def test_training_run_writes_curves_and_eval_writes_files(experts, tiny_vqa, tmp
     assert main(["eval", "--model", model_dir, "--data", tiny_vqa["test"], "--image-root", tiny_vqa["root"],
                  "--max-samples", "6", "--batch-size", "4", "--max-new-tokens", "3"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    eval_dir = out / "final" / "eval" / "test"
+    eval_dir = out / "final-eval" / "test"  # beside the model: saving it again replaces its directory
     rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
     saved = json.loads((eval_dir / "summary.json").read_text())
     assert saved == printed
