@@ -14,8 +14,23 @@ Activations follow what autograd saves per token and layer (see `_decoder_layer_
 norm inputs, attention q/k/v/output, the MLP's intermediates, the inputs of linear layers whose
 weights train, LoRA's dropout masks and inputs; with gradient checkpointing only each layer's
 input plus one layer's recomputation. Under autocast, every linear weight on the backward path
-is held as a compute-dtype copy until backward. The estimate is checked against measured peak
-RSS on the CPU by benchmarks/estimate.py.
+is held as a compute-dtype copy until backward.
+
+The total is the peak of live tensors: weights + optimizer state + the larger of
+  * the forward peak: all saved activations plus the largest transient (the LM head's chunk:
+    three fp32 logits-sized buffers, logits, softmax and `g / n`, plus g in the compute dtype,
+    the head weight's compute-dtype copy and, when the head trains, its fp32 gradient
+    accumulator; see seechat/loss.py). Gradients are not there: zero_grad(set_to_none) frees
+    them after every update, so they count here only with train.grad_accum > 1;
+  * the end of the backward: every gradient, no activation.
+Measured with torch.profiler on the benchmark's five configurations this live-tensor peak is
+within 5% of the real one (the peak is always in the LM head of a forward).
+
+`device="cpu"` adds one CPU-only term, allocator behaviour rather than tensors: glibc's heap
+keeps about one step's activations as free-but-resident blocks (see `_cpu_heap_retention`),
+e.g. 472 MB of free heap next to 991 MB of live tensors at the align benchmark's peak. A GPU
+estimate does not include it (PyTorch's CUDA caching allocator reuses its blocks by size). The
+CPU estimate is checked against measured peak RSS by benchmarks/estimate.py.
 """
 from __future__ import annotations
 
@@ -255,15 +270,50 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
                      if isinstance(m, nn.Linear) and m is not lm.get_output_embeddings())
         llm.activations += linear * a
         llm.notes.append("autocast keeps a bf16 copy of each linear weight until backward")
-    # LM head: one chunk of logits (fp32 logits, softmax, compute-dtype gradient) at a time
+    # LM head (seechat/loss.py, one chunk of rows at a time): fp32 logits, their softmax and
+    # `g / n` (a third fp32 buffer, made while the softmax is alive), plus g cast to the compute
+    # dtype; the head weight cast to the compute dtype; in full mode the fp32 head-gradient
+    # accumulator; the gathered supervised hidden rows and their gradient.
     vocab = lm.get_output_embeddings().weight.shape[0]
     rows = min(b * sup, DEFAULT_CHUNK)
-    llm.transient = rows * vocab * (4 + 4 + a) + vocab * h * a + b * sup * h * (r + r)
+    head_w = r if lm_mode == "qlora" else wbytes["llm"]
+    llm.transient = (rows * vocab * (3 * 4 + (a if a < 4 else 0)) + (vocab * h * a if a < head_w else 0)
+                     + (vocab * h * 4 if lm_mode == "full" else 0) + b * sup * h * (r + r))
 
     out = {"encoder": enc, "adapter": adp, "llm": llm}
-    total = sum(m.resident for m in out.values()) + max(m.transient for m in out.values())
+    persistent = sum(m.weights + m.optimizer for m in out.values())
+    grads = sum(m.gradients for m in out.values())
+    activations = sum(m.activations for m in out.values())
+    # zero_grad(set_to_none) frees the gradients after each update, so the forward peak (all
+    # activations plus the largest transient) sees them only while accumulating micro-batches.
+    accum = int(tcfg.get("grad_accum") or 1)
+    forward_peak = activations + max(m.transient for m in out.values()) + (grads if accum > 1 else 0)
+    backward_end = grads  # every gradient present, every activation freed
+    heap = 0.0
+    if device == "cpu":
+        heap = _cpu_heap_retention(activations, n_tok * h * min(a, r))
+    total = persistent + max(forward_peak, backward_end) + heap
     return {"modules": out, "total": total, "modes": modes, "image_tokens": image_tokens,
-            "shape": shape, "weight_dtype": weight_name, "compute_bytes": a}
+            "shape": shape, "weight_dtype": weight_name, "compute_bytes": a, "cpu_heap": heap,
+            "forward_peak": forward_peak, "backward_end": backward_end, "persistent": persistent}
+
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc
+
+
+def _cpu_heap_retention(activations: float, smallest_activation_tensor: float) -> float:
+    """Free-but-resident glibc heap under the CPU peak (0 when activation tensors are mmapped).
+
+    glibc's dynamic mmap threshold rises to the size of each freed mmapped block (at most 32 MiB),
+    so after the first step every tensor under 32 MiB comes from the brk heap; the heap is only
+    trimmed from its top, which small long-lived blocks pin. A step frees its activations in the
+    backward while gradients and backward temporaries are allocated between them, and the next
+    forward's activations do not fit back into those holes: malloc_info at the peak of the align
+    benchmark shows 472 MB of free heap in 109 blocks of 0.5-8 MB, next to 468 MB of activations.
+    So about one step's activations stay resident as free heap. Tensors of 32 MiB and more are
+    mmapped and returned on free: when even the smallest activation tensor (tokens x hidden)
+    reaches that size, the activations leave no heap behind."""
+    return activations if smallest_activation_tensor < GLIBC_MMAP_THRESHOLD_MAX else 0.0
 
 
 def _weights(module: nn.Module, mode: str, wbytes: int, lora: dict | None, qlora: bool = False) -> ModuleEstimate:

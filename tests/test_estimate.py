@@ -83,3 +83,40 @@ def test_unknown_model_is_named(recipe_path):
     recipe = load_recipe(recipe_path, ["llm.config=null", "llm.name_or_path=./no/such-model"])
     with pytest.raises(ValueError, match="no config for llm './no/such-model'"):
         estimate(recipe)
+
+
+def test_head_chunk_transient_counts_three_fp32_logit_buffers(recipe_path):
+    # align (LLM frozen, bf16 compute, fp32 weights): 3 fp32 + 1 bf16 buffers of rows x vocab,
+    # the bf16 head-weight copy and the gathered hidden rows with their gradient (fp32)
+    recipe = load_recipe(recipe_path, ["stage=align", "train.mixed_precision=bf16"])
+    b, sup, vocab, h = 2, 5, 400, 64
+    llm = estimate(recipe, batch=b, seq_len=40, supervised=sup)["modules"]["llm"]
+    assert llm.transient == b * sup * vocab * (3 * 4 + 2) + vocab * h * 2 + b * sup * h * 8
+    # full mode adds the fp32 head-gradient accumulator
+    full = estimate(load_recipe(recipe_path, ["stage=finetune", "train.mixed_precision=bf16"]),
+                    batch=b, seq_len=40, supervised=sup)["modules"]["llm"]
+    assert full.transient == llm.transient + vocab * h * 4
+
+
+def test_gradients_are_not_in_the_forward_peak_unless_accumulating(recipe_path):
+    recipe = load_recipe(recipe_path, ["stage=finetune"])
+    one = estimate(recipe, batch=2)
+    m = one["modules"]
+    grads = sum(x.gradients for x in m.values())
+    acts = sum(x.activations for x in m.values())
+    assert one["forward_peak"] == acts + max(x.transient for x in m.values())
+    assert one["total"] == one["persistent"] + max(one["forward_peak"], grads)
+    accum = estimate(load_recipe(recipe_path, ["stage=finetune", "train.grad_accum=4"]), batch=2)
+    assert accum["forward_peak"] == one["forward_peak"] + grads
+
+
+def test_cpu_adds_glibc_heap_retention_of_one_steps_activations_gpu_does_not(recipe_path):
+    recipe = load_recipe(recipe_path, ["stage=finetune"])
+    gpu, cpu = estimate(recipe, batch=2), estimate(recipe, batch=2, device="cpu")
+    assert gpu["cpu_heap"] == 0
+    acts = sum(x.activations for x in cpu["modules"].values())
+    assert cpu["cpu_heap"] == acts > 0
+    assert cpu["total"] == cpu["persistent"] + max(cpu["forward_peak"], cpu["backward_end"]) + acts
+    # activation tensors of 32 MiB and more are mmapped by glibc and returned on free: no heap left
+    big = estimate(recipe, batch=2, seq_len=140000, device="cpu")  # 2 x 140000 tokens x 64 x 2 B > 32 MiB
+    assert big["cpu_heap"] == 0
