@@ -27,7 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from .build import build_model
 from .config import dump_recipe
 from .data import LengthGroupedSampler, VLMCollator, VLMDataset, load_hf_dataset, read_llava_records
-from .data.packing import PackingCollator
+from .data.packing import PackingCollator, check_packed_attention
 from .model import IGNORE_INDEX, SeeChatVLM
 from .modes import MODULES, parameter_table, resolve_modes
 from .precision import resolve_mixed_precision
@@ -171,6 +171,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     cache = _feature_cache(recipe, model, dataset, accelerator)
     if cache is not None:
         dataset.use_feature_cache(cache)
+    if dcfg["packing"]:
+        check_packed_attention(model.base_llm)
     collator = PackingCollator(model.tokenizer.pad_token_id) if dcfg["packing"] else VLMCollator(model.tokenizer.pad_token_id)
     group_by_length = dcfg["group_by_length"]
     if group_by_length is None:  # the stage default: finetune data varies in length, align data hardly

@@ -101,3 +101,16 @@ def test_training_with_packing_runs_and_learns(experts, tiny_vqa, tmp_path):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert summary["steps"] == 8
     assert losses[-1] < losses[0]
+
+
+def test_a_model_that_attends_across_packed_samples_is_refused(experts, tiny_vqa, monkeypatch):
+    from seechat.data.packing import check_packed_attention
+
+    model, _ = _items(experts, tiny_vqa, "llama")
+    check_packed_attention(model.base_llm)  # stock transformers: block-diagonal mask, accepted
+    # A model class that ignores the restarting position ids (as a remote-code model might):
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM attends across packed samples.*data.packing=false"):
+        check_packed_attention(model.base_llm)

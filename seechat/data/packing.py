@@ -101,3 +101,31 @@ def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]], pack
         slots += rows * longest
         tokens += sum(sizes)
     return 1 - tokens / slots if slots else 0.0
+
+
+@torch.no_grad()
+def check_packed_attention(llm: torch.nn.Module) -> None:
+    """Refuse packing when `llm` would attend across packed samples.
+
+    Packing relies on the model building a block-diagonal mask from position ids that restart
+    at 0 (stock transformers 5.x models do; a remote-code or older model class may not, and
+    would then silently mix samples). The probe runs two short samples packed into one row and
+    the second one alone: its hidden states must be the same."""
+    vocab = llm.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(12, device=llm.device).remainder(vocab)[None]
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).to(llm.device)[None]
+    def last_hidden(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # as in training: no cache
+        return llm(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True).hidden_states[-1]
+
+    was_training = llm.training
+    llm.eval()  # (no dropout: the two runs must be comparable)
+    try:
+        packed, alone = last_hidden(ids, positions)[:, 5:], last_hidden(ids[:, 5:], positions[:, 5:])
+    finally:
+        llm.train(was_training)
+    if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-4):
+        raise ValueError(
+            f"data.packing=true, but {type(llm).__name__} attends across packed samples: the second of two "
+            f"packed samples changed by {(packed - alone).abs().max().item():.3g} (it must not change). "
+            "Its attention does not derive a per-sample mask from restarting position ids; set data.packing=false."
+        )
