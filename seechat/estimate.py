@@ -18,8 +18,9 @@ is held as a compute-dtype copy until backward.
 
 The total is the peak of live tensors: weights + optimizer state + the larger of
   * the forward peak: all saved activations plus the largest transient (the LM head's chunk:
-    three fp32 logits-sized buffers, logits, softmax and `g / n`, plus g in the compute dtype,
-    the head weight's compute-dtype copy and, when the head trains, its fp32 gradient
+    the logits in the compute dtype, their fp32 copy and fp32 log-softmax, which alive together
+    are its peak (the log-softmax then becomes the gradient in place and is cast to the compute
+    dtype); the head weight's compute-dtype copy and, when the head trains, its fp32 gradient
     accumulator; see seechat/loss.py). Gradients are not there: zero_grad(set_to_none) frees
     them after every update, so they count here only with train.grad_accum > 1;
   * the end of the backward: every gradient, no activation.
@@ -270,14 +271,15 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
                      if isinstance(m, nn.Linear) and m is not lm.get_output_embeddings())
         llm.activations += linear * a
         llm.notes.append("autocast keeps a bf16 copy of each linear weight until backward")
-    # LM head (seechat/loss.py, one chunk of rows at a time): fp32 logits, their softmax and
-    # `g / n` (a third fp32 buffer, made while the softmax is alive), plus g cast to the compute
-    # dtype; the head weight cast to the compute dtype; in full mode the fp32 head-gradient
-    # accumulator; the gathered supervised hidden rows and their gradient.
+    # LM head (seechat/loss.py, one chunk of rows at a time): the logits in the compute dtype,
+    # their fp32 copy and its log-softmax (the chunk's peak; the log-softmax is then turned into
+    # the gradient in place, and the logits freed before it is cast to the compute dtype); the
+    # head weight cast to the compute dtype; in full mode the fp32 head-gradient accumulator;
+    # the gathered supervised hidden rows and their gradient.
     vocab = lm.get_output_embeddings().weight.shape[0]
     rows = min(b * sup, DEFAULT_CHUNK)
     head_w = r if lm_mode == "qlora" else wbytes["llm"]
-    llm.transient = (rows * vocab * (3 * 4 + (a if a < 4 else 0)) + (vocab * h * a if a < head_w else 0)
+    llm.transient = (rows * vocab * (2 * 4 + (a if a < 4 else 0)) + (vocab * h * a if a < head_w else 0)
                      + (vocab * h * 4 if lm_mode == "full" else 0) + b * sup * h * (r + r))
 
     out = {"encoder": enc, "adapter": adp, "llm": llm}

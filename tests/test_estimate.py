@@ -85,13 +85,14 @@ def test_unknown_model_is_named(recipe_path):
         estimate(recipe)
 
 
-def test_head_chunk_transient_counts_three_fp32_logit_buffers(recipe_path):
-    # align (LLM frozen, bf16 compute, fp32 weights): 3 fp32 + 1 bf16 buffers of rows x vocab,
-    # the bf16 head-weight copy and the gathered hidden rows with their gradient (fp32)
+def test_head_chunk_transient_counts_the_logit_buffers_alive_together(recipe_path):
+    # align (LLM frozen, bf16 compute, fp32 weights): bf16 logits + their fp32 copy + the fp32
+    # log-softmax (rows x vocab each), the bf16 head-weight copy and the gathered hidden rows
+    # with their gradient (fp32)
     recipe = load_recipe(recipe_path, ["stage=align", "train.mixed_precision=bf16"])
     b, sup, vocab, h = 2, 5, 400, 64
     llm = estimate(recipe, batch=b, seq_len=40, supervised=sup)["modules"]["llm"]
-    assert llm.transient == b * sup * vocab * (3 * 4 + 2) + vocab * h * 2 + b * sup * h * 8
+    assert llm.transient == b * sup * vocab * (2 * 4 + 2) + vocab * h * 2 + b * sup * h * 8
     # full mode adds the fp32 head-gradient accumulator
     full = estimate(load_recipe(recipe_path, ["stage=finetune", "train.mixed_precision=bf16"]),
                     batch=b, seq_len=40, supervised=sup)["modules"]["llm"]
