@@ -129,16 +129,18 @@ class SeeChatVLM(nn.Module):
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
+        return self._lm_loss(labels, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+
+    def _lm_loss(self, labels: torch.Tensor, z_loss: float = 0.0, **inputs) -> CausalLMOutputWithPast:
+        """The LM's decoder on `inputs`, then head + loss at the supervised positions only."""
         base = self.base_llm
-        hidden = base.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         if not keep.any():  # nothing supervised: a zero that still has a graph
             return CausalLMOutputWithPast(loss=hidden.sum() * 0.0)
         # Chunked: the [n_supervised, V] logits never exist at once (see seechat/loss.py).
-        loss = chunked_head_loss(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep])
+        loss = chunked_head_loss(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], z_loss=z_loss)
         return CausalLMOutputWithPast(loss=loss)
 
     # ------------------------------------------------------------------ generation

@@ -29,7 +29,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..data import VLMCollator, encode_prompt
 from ..data.tokenization import IGNORE_INDEX, boundary_ids
 from ..llm import load_llm, load_tokenizer
-from ..loss import chunked_head_loss
 from ..model import SeeChatVLM
 from ..modes import apply_modes
 from .vocab import CodeVocab
@@ -124,16 +123,8 @@ class NativeVLM(SeeChatVLM):
         ids = self.spliced_ids(input_ids, pixel_values, num_images, sample_ids)
         if labels is None:
             return self.llm(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        labels = self.image_labels(ids, labels)
-        base = self.base_llm
-        hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if not keep.any():
-            return CausalLMOutputWithPast(loss=hidden.sum() * 0.0)
-        loss = chunked_head_loss(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], z_loss=self.z_loss)
-        return CausalLMOutputWithPast(loss=loss)
+        return self._lm_loss(self.image_labels(ids, labels), self.z_loss, input_ids=ids,
+                             attention_mask=attention_mask, position_ids=position_ids)
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args: Any, allowed_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
