@@ -1,5 +1,5 @@
-"""What a benchmark figure belongs to: the commit (with "-dirty" when the work tree differs
-from it, so the figure belongs to no commit) and the machine (bf16 kernels differ between CPUs:
+"""What a benchmark figure belongs to: the commit (with "-dirty" when the code differs from
+it, so the figure belongs to no commit) and the machine (bf16 kernels differ between CPUs:
 AVX512-BF16, AMX, emulated)."""
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ import torch
 
 
 def commit() -> str:
+    """The short commit hash, with "-dirty" when tracked files other than benchmark results
+    differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
+        return git("rev-parse", "--short=7", "HEAD") + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
