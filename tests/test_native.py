@@ -235,3 +235,24 @@ def test_stabiliser_switches(experts, vq_dir, native_data, tmp_path):
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     with pytest.raises(ValueError, match="encoder.mode='full'"):
         model_for(native_recipe(experts, vq_dir, native_data, tmp_path / "r2", "encoder.mode=full"))
+
+
+def test_a_pretrained_text_lm_with_padded_vocabulary_gets_codes_after_its_tokenizer(experts, vq_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seechat.native.model import assemble_native
+    from seechat.native.vq import VQTokenizer
+    from seechat.tiny import tiny_llm_config
+
+    vq = VQTokenizer.from_pretrained(vq_dir)
+    tok = AutoTokenizer.from_pretrained(experts["tokenizer"])
+    # A checkpoint padding its vocabulary past the tokenizer by more than the codebook (as
+    # Qwen2.5 does by 271 rows): there is no room to confuse with codes, and no error either.
+    padded = len(tok) + vq.codebook_size + 50
+    AutoModelForCausalLM.from_config(tiny_llm_config("qwen2", padded, hidden_size=32)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    model = assemble_native({"kind": "native", "native": {"vq": str(vq_dir), "qk_norm": False},
+                             "llm": {"name_or_path": str(tmp_path / "lm"), "tokenizer": str(tmp_path / "lm")}}, vq)
+    rows = model.llm.get_input_embeddings().weight
+    assert rows.shape[0] == model.vocab.vocab_size == len(model.tokenizer) + vq.codebook_size
+    assert model.vocab.offset == len(model.tokenizer)

@@ -190,7 +190,11 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
                              "or llm.name_or_path")
         llm_cfg["config"] = {**llm_cfg["config"], "vocab_size": vocab.vocab_size}
     llm = load_llm(llm_cfg, tokenizer)
-    if llm.get_input_embeddings().weight.shape[0] < vocab.vocab_size:  # a text LM: add code rows
+    if llm.get_input_embeddings().weight.shape[0] != vocab.vocab_size:  # a text LM: add code rows
+        # Codes follow the tokenizer's last id. Rows a checkpoint pads its vocabulary with
+        # (Qwen2.5: 151,665 ids in 151,936 rows) were never trained as anything: drop them, so
+        # every code row starts from the same initialisation.
+        llm.resize_token_embeddings(len(tokenizer))
         llm.resize_token_embeddings(vocab.vocab_size, mean_resizing=True)
     configure_llm(llm, native)
     return NativeVLM(cfg, vq, llm, tokenizer)
