@@ -131,6 +131,10 @@ class SeeChatVLM(nn.Module):
                             use_cache=False)
         return self._lm_loss(labels, inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
 
+    def supervised_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The labels the loss averages over (the training loop weights batches by their count)."""
+        return labels
+
     def _lm_loss(self, labels: torch.Tensor, z_loss: float = 0.0, **inputs) -> CausalLMOutputWithPast:
         """The LM's decoder on `inputs`, then head + loss at the supervised positions only."""
         base = self.base_llm

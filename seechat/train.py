@@ -171,8 +171,6 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     cache = _feature_cache(recipe, model, dataset, accelerator)
     if cache is not None:
         dataset.use_feature_cache(cache)
-    if dcfg["packing"]:
-        check_packed_attention(model.base_llm)
     collator = PackingCollator(model.tokenizer.pad_token_id) if dcfg["packing"] else VLMCollator(model.tokenizer.pad_token_id)
     group_by_length = dcfg["group_by_length"]
     if group_by_length is None:  # the stage default: finetune data varies in length, align data hardly
@@ -225,6 +223,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc=recipe["stage"], mininterval=2)
     unwrapped = accelerator.unwrap_model(model)
+    if dcfg["packing"]:  # on the device and in the precision of training
+        check_packed_attention(unwrapped.base_llm, accelerator.autocast())
     model.train()
     guard = NonFiniteGuard(tcfg["max_nonfinite_steps"])
     guard.total = nonfinite_before
@@ -256,7 +256,8 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                 # process holds it: micro-batch i of a process is weighted by its share of the
                 # update's global token count (so 2 processes x 2 micro-batches of 1 train exactly
                 # like 1 process x 1 batch of 4). Accumulation syncs DDP only on the last micro-batch.
-                counts = [(b["labels"][:, 1:] != IGNORE_INDEX).sum().float() for b in micro]
+                counts = [(unwrapped.supervised_labels(b["input_ids"], b["labels"])[:, 1:] != IGNORE_INDEX).sum().float()
+                          for b in micro]
                 total_tokens = torch.stack(counts).sum()
                 if accelerator.num_processes > 1:
                     total_tokens = accelerator.reduce(total_tokens.clone(), reduction="sum")
@@ -264,7 +265,10 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                 # written so that one process without accumulation multiplies the loss by exactly 1)
                 undo = accelerator.gradient_accumulation_steps * accelerator.num_processes
                 for i, b in enumerate(micro):
-                    with contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                    last = i == len(micro) - 1
+                    # DeepSpeed's engine steps inside backward where accelerate says an update ends
+                    accelerator.sync_gradients = last
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         loss = model(
                             input_ids=b["input_ids"],
                             attention_mask=b["attention_mask"],

@@ -212,6 +212,22 @@ def test_z_loss_enters_the_native_loss(trained, native_data):
     assert (total - ce).item() == pytest.approx(0.5 * lse.square().mean().item(), rel=1e-4)
 
 
+def test_supervised_labels_count_the_image_codes_the_loss_averages_over(trained, native_data):
+    # The training loop weights batches (processes, accumulated micro-batches) by this count.
+    model = load(trained["out"] / "final")
+    from seechat.data import SampleEncoder
+
+    encoder = SampleEncoder(model.tokenizer, model.encoder.transform, model.num_image_tokens, image_root=native_data["root"])
+    records = json.loads(Path(native_data["train"]).read_text())
+    drawn = next(r for r in records if "<image>" in r["conversations"][-1]["value"])  # an image in the reply
+    item = encoder(drawn, 0)
+    ids, labels = item["input_ids"][None], item["labels"][None]
+    spliced = model.spliced_ids(ids, item["pixel_values"], torch.tensor([1]))
+    counted = model.supervised_labels(ids, labels) != -100
+    assert torch.equal(counted, model.image_labels(spliced, labels) != -100)
+    assert counted.sum() == (labels != -100).sum() + model.positions_per_image  # codes + boundaries
+
+
 def test_generate_image_cli_writes_a_png(trained, tmp_path):
     out = tmp_path / "x.png"
     assert main(["generate-image", "--model", str(trained["out"] / "final"), "draw a red shape", "--out", str(out),

@@ -108,9 +108,10 @@ def test_a_model_that_attends_across_packed_samples_is_refused(experts, tiny_vqa
 
     model, _ = _items(experts, tiny_vqa, "llama")
     check_packed_attention(model.base_llm)  # stock transformers: block-diagonal mask, accepted
+    check_packed_attention(model.base_llm, torch.autocast("cpu", dtype=torch.bfloat16))  # also in bf16
     # A model class that ignores the restarting position ids (as a remote-code model might):
     import transformers.masking_utils as masking
 
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM attends across packed samples.*data.packing=false"):
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM attends across packed samples: changing the first.*data.packing=false"):
         check_packed_attention(model.base_llm)

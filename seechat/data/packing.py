@@ -13,6 +13,7 @@ mean loss equals the unpacked one.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -104,28 +105,38 @@ def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]], pack
 
 
 @torch.no_grad()
-def check_packed_attention(llm: torch.nn.Module) -> None:
+def check_packed_attention(llm: torch.nn.Module, autocast: Any = None) -> None:
     """Refuse packing when `llm` would attend across packed samples.
 
     Packing relies on the model building a block-diagonal mask from position ids that restart
-    at 0 (stock transformers 5.x models do; a remote-code or older model class may not, and
-    would then silently mix samples). The probe runs two short samples packed into one row and
-    the second one alone: its hidden states must be the same."""
+    at 0 (stock transformers 5.x models do, for eager, sdpa and flash attention; a remote-code
+    or older model class may not, and would then silently mix samples). The probe packs two
+    short samples into a row twice, with different tokens in the first sample: the second
+    sample's hidden states must not move. Run it where training runs (device, `autocast`): the
+    same kernels compute the second sample from the same inputs, so isolated attention leaves
+    it unchanged to the bit, and mixing moves it by far more than the tolerance."""
     vocab = llm.get_input_embeddings().weight.shape[0]
-    ids = torch.arange(12, device=llm.device).remainder(vocab)[None]
-    positions = torch.cat([torch.arange(5), torch.arange(7)]).to(llm.device)[None]
-    def last_hidden(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # as in training: no cache
-        return llm(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True).hidden_states[-1]
+    device = llm.get_input_embeddings().weight.device
+    first = torch.arange(12, device=device).remainder(vocab)[None]
+    other = first.clone()
+    other[:, :5] = (other[:, :5] + 7).remainder(vocab)  # a different first sample, the same second
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).to(device)[None]
+
+    def second_sample(ids: torch.Tensor) -> torch.Tensor:  # as in training: no cache, no mask
+        out = llm(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1][:, 5:].float()
 
     was_training = llm.training
     llm.eval()  # (no dropout: the two runs must be comparable)
     try:
-        packed, alone = last_hidden(ids, positions)[:, 5:], last_hidden(ids[:, 5:], positions[:, 5:])
+        with autocast if autocast is not None else contextlib.nullcontext():
+            a, b = second_sample(first), second_sample(other)
     finally:
         llm.train(was_training)
-    if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-4):
+    moved = (a - b).abs().max().item()
+    if moved > 1e-4 * max(a.abs().max().item(), 1.0):
         raise ValueError(
-            f"data.packing=true, but {type(llm).__name__} attends across packed samples: the second of two "
-            f"packed samples changed by {(packed - alone).abs().max().item():.3g} (it must not change). "
-            "Its attention does not derive a per-sample mask from restarting position ids; set data.packing=false."
+            f"data.packing=true, but {type(llm).__name__} attends across packed samples: changing the first of two "
+            f"packed samples moved the second by {moved:.3g} (it must not move). Its attention does not derive a "
+            "per-sample mask from restarting position ids; set data.packing=false."
         )

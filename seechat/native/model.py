@@ -114,6 +114,10 @@ class NativeVLM(SeeChatVLM):
                 labels[row, start:after] = ids[row, start:after]
         return labels
 
+    def supervised_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Placeholders sit where the codes go, between the same boundary tokens.
+        return self.image_labels(input_ids, labels)
+
     # ------------------------------------------------------------------ training
     def forward(self, input_ids, attention_mask=None, pixel_values=None, num_images=None, labels=None,
                 sample_ids=None, image_features=None, position_ids=None) -> CausalLMOutputWithPast:
