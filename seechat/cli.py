@@ -35,7 +35,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = load(args.model)
     # Beside the model, not in it: a model directory is replaced whole when saved again,
     # and may be read-only (a shared or downloaded checkpoint).
-    where = Path(args.model)
+    where = Path(args.model).resolve()  # (".": the directory's own name, not an empty one)
     output_dir = args.output_dir or where.with_name(f"{where.name}-eval") / Path(args.data).stem
     result = evaluate_to_dir(
         model, args.data, output_dir, predictions_path=args.predictions, model_dir=args.model,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -205,10 +204,9 @@ def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     safetensors, tokenizer (with <image>), image processor + processor configs, chat template,
     generation config. Raises `NotExpressibleError` for models Llava cannot represent."""
     from .merge import load_unquantised
-    from .saving import output_dir, publish_dir
+    from .saving import writing_dir
 
-    out = output_dir(out_dir, EXPORT_MARKER)  # written aside, then moved: no stale shards survive
-    try:
+    with writing_dir(out_dir, EXPORT_MARKER) as out:  # written aside, then moved: no stale shards survive
         model = load_unquantised(model_dir)
         llava = model_to_llava(model)
         tokenizer = model.tokenizer
@@ -242,8 +240,4 @@ def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
         if n != cfg.image_seq_length:
             raise RuntimeError(f"exported processor expands <image> to {n} tokens, the model expects {cfg.image_seq_length}")
         (out / EXPORT_MARKER).write_text(json.dumps({"source": str(model_dir), "model": model.config}, indent=2, default=str))
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    publish_dir(out, out_dir)
     return Path(out_dir)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_CHUNK = 1024
-_frozen_casts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # see `reuse_frozen_head_casts`
+_frozen_casts: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] | None = None  # see `reuse_frozen_head_casts`
 
 
 @contextlib.contextmanager
@@ -45,10 +45,13 @@ def reuse_frozen_head_casts():
 def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if weight.dtype == dtype or weight.requires_grad or _frozen_casts is None:
         return weight.to(dtype)
+    # The copy is reused only while the weight is the same tensor with the same storage, device
+    # and in-place version: anything that writes or moves it makes a new copy.
+    state = (weight._version, weight.data_ptr(), weight.device, dtype)
     hit = _frozen_casts.get(id(weight))
-    if hit is None or hit[0] is not weight or hit[1].dtype != dtype:
-        hit = _frozen_casts[id(weight)] = (weight, weight.to(dtype))
-    return hit[1]
+    if hit is None or hit[0] is not weight or hit[1] != state:
+        hit = _frozen_casts[id(weight)] = (weight, state, weight.to(dtype))
+    return hit[2]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -8,6 +8,7 @@ nothing to refer to (random-init towers of tests and tiny demos).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -41,60 +42,73 @@ def _tensors(module, lora: bool) -> dict:
     }
 
 
-def output_dir(directory: str | os.PathLike, marker: str) -> Path:
-    """A fresh temporary directory beside `directory`, to be moved there by `publish_dir`.
-    An existing `directory` may only be an earlier output of the same kind (it holds the file
-    `marker`) or empty: it is replaced whole, so no stale file of an earlier write survives,
-    and nothing else is ever deleted."""
+def check_output_dir(directory: str | os.PathLike, marker: str) -> Path:
+    """`directory` if seechat may write it: new, empty, or an earlier output of the same kind
+    (it holds the file `marker`), which is replaced whole. Anything else is refused."""
     final = Path(directory)
     if final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / marker).is_file()):
         raise FileExistsError(f"{final} exists and is not an earlier seechat output (no {marker} in it); "
                               "refusing to replace it. Give a new or empty directory.")
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def writing_dir(directory: str | os.PathLike, marker: str):
+    """Write into a temporary directory beside `directory` (`.NAME.seechat-tmp`), which
+    replaces `directory` when the block ends (the old one is moved aside first, then deleted)
+    and is removed if the block fails. No stale file of an earlier output survives, and only
+    what `check_output_dir` allows is ever deleted."""
+    final = check_output_dir(directory, marker)
+    tmp = final.with_name(f".{final.name}.seechat-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish_dir(tmp: Path, directory: str | os.PathLike) -> None:
-    """Replace `directory` by the finished `tmp` (see `output_dir`)."""
-    final = Path(directory)
-    if final.exists():
-        shutil.rmtree(final)
+    try:
+        yield tmp
+        check_output_dir(directory, marker)  # (still true after the work?)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.seechat-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.is_symlink() or final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pretrained(model: SeeChatVLM, directory: str | os.PathLike, standalone: bool = False) -> None:
     """Write the model to `directory` (replaced atomically: written beside it, then renamed).
     `standalone=True` stores every module's weights instead of references to frozen experts
     (what `seechat merge` writes: a checkpoint that needs nothing else)."""
-    tmp = output_dir(directory, META)
-    cfg, modes = model.config, model.modes
-    stored: dict[str, Any] = {"tokenizer": "tokenizer", "adapter": "adapter.safetensors"}
-    model.tokenizer.save_pretrained(tmp / "tokenizer")
-    save_file(_tensors(model.adapter, lora=False), tmp / "adapter.safetensors")
+    with writing_dir(directory, META) as tmp:
+        cfg, modes = model.config, model.modes
+        stored: dict[str, Any] = {"tokenizer": "tokenizer", "adapter": "adapter.safetensors"}
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        save_file(_tensors(model.adapter, lora=False), tmp / "adapter.safetensors")
 
-    tower = model.encoder.tower
-    if standalone or modes["encoder"] == "full" or not _has_reference(cfg["encoder"], "encoder"):
-        save_file(_tensors(tower, lora=False), tmp / "encoder.safetensors")
-        stored["encoder"] = "encoder.safetensors"
-        stored["encoder_config"] = model.encoder.offline_config()
-    if modes["encoder"] == "lora":
-        save_file(_tensors(tower, lora=True), tmp / "encoder_lora.safetensors")
-        stored["encoder_lora"] = "encoder_lora.safetensors"
+        tower = model.encoder.tower
+        if standalone or modes["encoder"] == "full" or not _has_reference(cfg["encoder"], "encoder"):
+            save_file(_tensors(tower, lora=False), tmp / "encoder.safetensors")
+            stored["encoder"] = "encoder.safetensors"
+            stored["encoder_config"] = model.encoder.offline_config()
+        if modes["encoder"] == "lora":
+            save_file(_tensors(tower, lora=True), tmp / "encoder_lora.safetensors")
+            stored["encoder_lora"] = "encoder_lora.safetensors"
 
-    llm_in_full = standalone or modes["llm"] == "full" or not _has_reference(cfg["llm"], "llm")
-    if llm_in_full:
-        model.base_llm.save_pretrained(tmp / "llm")  # (a LoRA wrapper's base, adapter saved apart)
-        stored["llm"] = "llm"
-    if model.llm_is_peft:
-        # The resized vocabulary rows are a deterministic function of the base (llm.py), so
-        # peft need not store the embedding matrices it would otherwise save after a resize.
-        model.llm.save_pretrained(tmp / "llm_lora", save_embedding_layers=False)
-        stored["llm_lora"] = "llm_lora"
-    meta = {"format": FORMAT, "model": cfg, "modes": modes, "stored": stored}
-    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    publish_dir(tmp, directory)
+        llm_in_full = standalone or modes["llm"] == "full" or not _has_reference(cfg["llm"], "llm")
+        if llm_in_full:
+            model.base_llm.save_pretrained(tmp / "llm")  # (a LoRA wrapper's base, adapter saved apart)
+            stored["llm"] = "llm"
+        if model.llm_is_peft:
+            # The resized vocabulary rows are a deterministic function of the base (llm.py), so
+            # peft need not store the embedding matrices it would otherwise save after a resize.
+            model.llm.save_pretrained(tmp / "llm_lora", save_embedding_layers=False)
+            stored["llm_lora"] = "llm_lora"
+        meta = {"format": FORMAT, "model": cfg, "modes": modes, "stored": stored}
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def saved_modes(directory: str | os.PathLike) -> dict[str, str]:

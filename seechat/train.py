@@ -34,7 +34,7 @@ from .precision import resolve_mixed_precision
 from .checkpoint import STATE, latest_checkpoint, remove_stale, save_checkpoint
 from .guard import NonFiniteError, NonFiniteGuard
 from .loss import reuse_frozen_head_casts
-from .saving import load
+from .saving import META, check_output_dir, load
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     _check_engine(accelerator)
     set_seed(recipe["seed"])
     if accelerator.is_main_process:
+        check_output_dir(out / "final", META)  # now, not after hours of training
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")
 

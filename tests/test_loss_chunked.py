@@ -95,5 +95,12 @@ def test_frozen_head_is_cast_once_per_block_and_a_trained_one_every_time():
         assert casts(trained) == plain_trained  # a weight that trains changes every step
         with torch.autocast("cpu", dtype=torch.bfloat16):
             cached = chunked_head_loss(h, frozen, t)
+        with torch.no_grad():
+            frozen.weight.mul_(2.0)  # written in place inside the block: the copy is made again
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            changed = chunked_head_loss(h, frozen, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(cached, chunked_head_loss(h, frozen, t))  # same numbers either way
+        assert torch.equal(changed, chunked_head_loss(h, frozen, t))  # same numbers either way
+        with torch.no_grad():
+            frozen.weight.div_(2.0)
+        assert torch.equal(cached, chunked_head_loss(h, frozen, t))

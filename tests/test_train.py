@@ -70,6 +70,15 @@ def test_accumulated_micro_batches_train_like_one_batch(experts, tiny_vqa, tmp_p
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_a_foreign_final_directory_is_refused_before_training(experts, tiny_vqa, tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"final exists and is not an earlier seechat output"):
+        run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+    assert (tmp_path / "run" / "final" / "notes.txt").read_text() == "mine"
+
+
 @pytest.fixture()
 def broken_data(tiny_vqa, tmp_path):
     """The tiny set as JSONL with a corrupt image and a malformed line."""

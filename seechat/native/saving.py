@@ -26,16 +26,15 @@ TRAINING_KEYS = {"llm": ("mode", "lr", "gradient_checkpointing"),
 
 def save_native(model: NativeVLM, directory: str | os.PathLike) -> None:
     """Write `model` to `directory` (written beside it, then renamed into place)."""
-    from seechat.saving import output_dir, publish_dir
+    from seechat.saving import writing_dir
 
-    tmp = output_dir(directory, META)
-    model.tokenizer.save_pretrained(tmp / "tokenizer")
-    model.encoder.save_pretrained(tmp / "vq")
-    model.base_llm.save_pretrained(tmp / "llm")
-    meta = {"format": FORMAT, "model": model.config, "modes": model.modes,
-            "stored": {"tokenizer": "tokenizer", "vq": "vq", "llm": "llm"}}
-    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-    publish_dir(tmp, directory)
+    with writing_dir(directory, META) as tmp:
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        model.encoder.save_pretrained(tmp / "vq")
+        model.base_llm.save_pretrained(tmp / "llm")
+        meta = {"format": FORMAT, "model": model.config, "modes": model.modes,
+                "stored": {"tokenizer": "tokenizer", "vq": "vq", "llm": "llm"}}
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def load_native(root: Path, meta: dict, trainable: bool = False, modes: dict[str, str] | None = None,
