@@ -127,7 +127,7 @@ def test_shards_are_append_only_and_reads_hold_no_files(experts, tiny_vqa, tmp_p
     assert cache.fill(images, model.encoder, tiny_vqa["root"], batch_size=2) == 3
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "k").iterdir()}
     assert {name: after[name] for name in before} == before  # nothing written is rewritten
-    assert sorted(after) == sorted(before) + ["shard-00002.bin", "shard-00002.json"]
+    assert sorted(after) == sorted(before) + ["shard-00002.bin", "shard-00002.claim", "shard-00002.json"]
     fresh = FeatureCache(tmp_path, "k")
     fds = len(os.listdir("/proc/self/fd"))
     with torch.no_grad():
@@ -166,3 +166,37 @@ def test_a_shard_cut_off_by_a_crash_is_ignored(experts, tiny_vqa, tmp_path):
     assert len(FeatureCache(tmp_path, "k")) == 0
     assert FeatureCache(tmp_path, "k").fill(["images/0.png"], model.encoder, tiny_vqa["root"]) == 1
     assert len(FeatureCache(tmp_path, "k")) == 1
+
+
+def test_two_fills_of_one_directory_never_share_a_shard(experts, tiny_vqa, tmp_path):
+    # Two runs of a sweep share runs/.feature_cache; both opened it before either wrote.
+    model = build_model(model_config(experts), MODES)
+    a, b = FeatureCache(tmp_path, "k"), FeatureCache(tmp_path, "k")
+    assert len(a) == len(b) == 0
+    a.fill(["images/0.png"], model.encoder, tiny_vqa["root"])
+    b.fill(["images/1.png"], model.encoder, tiny_vqa["root"])  # b still believes the directory empty
+    fresh = FeatureCache(tmp_path, "k")
+    with torch.no_grad():
+        for name in ("images/0.png", "images/1.png"):
+            image = Image.open(f"{tiny_vqa['root']}/{name}").convert("RGB")
+            expected = model.encoder(model.encoder.transform(image)[None])[0]
+            assert torch.equal(fresh.get(fresh.key_of(name, tiny_vqa["root"])), expected)
+
+
+def test_a_copy_of_a_cached_image_is_hashed_once_and_a_broken_manifest_is_skipped(
+        experts, tiny_vqa, tmp_path, monkeypatch, caplog):
+    from seechat.data import feature_cache as fc
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_vqa["root"], root)
+    shutil.copy(root / "images" / "0.png", root / "images" / "copy.png")  # same content, new path
+    model = build_model(model_config(experts), MODES)
+    cache = FeatureCache(tmp_path / "cache", "k")
+    assert cache.fill(["images/0.png"], model.encoder, root) == 1
+    assert cache.fill(["images/copy.png"], model.encoder, root) == 0  # content known: nothing computed
+    monkeypatch.setattr(fc, "image_key", lambda *a, **k: pytest.fail("hashed a file already recorded"))
+    assert FeatureCache(tmp_path / "cache", "k").key_of("images/copy.png", root) == cache.key_of("images/0.png", root)
+    monkeypatch.undo()
+    (tmp_path / "cache" / "k" / "shard-00007.json").write_text('{"shard": 7, "rows": [')  # cut off
+    assert len(FeatureCache(tmp_path / "cache", "k")) == 1
+    assert "ignoring unreadable manifest" in caplog.text

@@ -110,15 +110,22 @@ class FeatureCache:
     def rows(self) -> dict[str, tuple[int, int]]:
         if self._rows is None:
             self._rows = {}
-            for manifest in sorted(self.dir.glob("shard-*.json")):
-                self._register(json.loads(manifest.read_text()))
+            for path in sorted(self.dir.glob("shard-*.json")):
+                try:
+                    manifest = json.loads(path.read_text())
+                except (OSError, ValueError) as err:  # e.g. cut off by a power loss: its rows are refilled
+                    logger.warning("feature cache: ignoring unreadable manifest %s (%s)", path, err)
+                    continue
+                self._register(manifest)
         return self._rows
 
     def _register(self, manifest: dict) -> None:
         shard = manifest["shard"]
-        self._shards[shard] = {"dtype": manifest["dtype"], "shape": tuple(manifest["shape"])}
+        if manifest["rows"]:
+            self._shards[shard] = {"dtype": manifest["dtype"], "shape": tuple(manifest["shape"])}
         for row, entry in enumerate(manifest["rows"]):
             self._rows[entry["key"]] = (shard, row)
+        for entry in manifest["rows"] + manifest.get("files", []):
             if entry.get("file") is not None:
                 self._files[(entry["file"], entry["size"], entry["mtime_ns"])] = entry["key"]
 
@@ -166,7 +173,13 @@ class FeatureCache:
 
     def _writer(self) -> "_ShardWriter":
         self.rows  # noqa: B018 (loads the manifests: the new shard's number follows theirs)
-        return _ShardWriter(self, 1 + max(self._shards, default=-1))
+        shard = 1 + max(self._shards, default=-1)
+        while True:  # claim the number (an empty file, created only if absent): two fills never share one
+            try:
+                os.close(os.open(self.dir / f"shard-{shard:05d}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return _ShardWriter(self, shard)
+            except FileExistsError:
+                shard += 1
 
     @torch.no_grad()
     def fill(
@@ -184,18 +197,21 @@ class FeatureCache:
         from seechat.data.schema import SampleError
 
         todo: dict[str, tuple[Any, dict | None]] = {}
+        aliases = []  # files whose content is cached (or about to be) under another path: no rehash later
         for image in images:
             try:
                 key = self.key_of(image, image_root)
                 path = _file_of(image, image_root)
+                stat = path.stat() if path is not None else None
             except OSError as err:
                 if on_error == "raise":
                     raise SampleError(None, f"cannot read image for the feature cache: {err}") from err
                 continue
+            file = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
             if key not in self.rows and key not in todo:
-                stat = path.stat() if path is not None else None
-                file = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
                 todo[key] = (image, file)
+            elif file is not None and (file["file"], file["size"], file["mtime_ns"]) not in self._files:
+                aliases.append({"key": key, **file})
         device = next(encoder.parameters()).device
         writer, done = None, 0
         items = list(todo.items())
@@ -222,6 +238,10 @@ class FeatureCache:
             done += len(keys)
         if writer is not None:
             writer.close()
+        if aliases:
+            alias_writer = self._writer()
+            alias_writer.aliases = list({(a["file"], a["size"], a["mtime_ns"]): a for a in aliases}.values())
+            alias_writer.close()
         if done:
             logger.info("feature cache %s: computed %d image(s), %d cached", self.dir, done, len(self.rows))
         return done
@@ -235,6 +255,7 @@ class _ShardWriter:
         self.tmp = cache.dir / f".shard-{shard:05d}.bin.tmp"
         self.file = open(self.tmp, "wb")
         self.rows: list[dict] = []
+        self.aliases: list[dict] = []  # file records of content stored in other shards
         self.dtype: torch.dtype | None = None
         self.shape: tuple[int, ...] | None = None
         self.bytes = 0
@@ -259,11 +280,19 @@ class _ShardWriter:
         self.file.close()
         d = self.cache.dir
         os.replace(self.tmp, d / f"shard-{self.shard:05d}.bin")
-        manifest = {"shard": self.shard, "dtype": str(self.dtype).removeprefix("torch."),
-                    "shape": list(self.shape), "rows": self.rows}
+        manifest = {"shard": self.shard, "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
+                    "shape": list(self.shape) if self.shape else None, "rows": self.rows, "files": self.aliases}
         tmp = d / f".shard-{self.shard:05d}.json.tmp"
-        tmp.write_text(json.dumps(manifest))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, d / f"shard-{self.shard:05d}.json")
+        directory = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the renames reach the disk too
+        finally:
+            os.close(directory)
         self.cache._register(manifest)
 
 
