@@ -279,8 +279,12 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     vocab = lm.get_output_embeddings().weight.shape[0]
     rows = min(b * sup, DEFAULT_CHUNK)
     head_w = r if lm_mode == "qlora" else wbytes["llm"]
-    llm.transient = (rows * vocab * (2 * 4 + (a if a < 4 else 0)) + (vocab * h * a if a < head_w else 0)
+    head_copy = vocab * h * a if a < head_w else 0
+    llm.transient = (rows * vocab * (2 * 4 + (a if a < 4 else 0)) + head_copy
                      + (vocab * h * 4 if lm_mode == "full" else 0) + b * sup * h * (r + r))
+    # A frozen head's copy is made once and kept for the run (loss.reuse_frozen_head_casts), so
+    # it is also there at the end of the backward.
+    kept_head_copy = head_copy if lm_mode != "full" else 0
 
     out = {"encoder": enc, "adapter": adp, "llm": llm}
     persistent = sum(m.weights + m.optimizer for m in out.values())
@@ -290,7 +294,7 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     # activations plus the largest transient) sees them only while accumulating micro-batches.
     accum = int(tcfg.get("grad_accum") or 1)
     forward_peak = activations + max(m.transient for m in out.values()) + (grads if accum > 1 else 0)
-    backward_end = grads  # every gradient present, every activation freed
+    backward_end = grads + kept_head_copy  # every gradient present, every activation freed
     heap = 0.0
     if device == "cpu":
         heap = _cpu_heap_retention(activations, n_tok * h * min(a, r))
