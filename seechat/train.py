@@ -251,14 +251,15 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                     # (safe with several processes: the collectives below are per update, not per
                     # batch, and this process goes on to its next batch; test_distributed)
                     micro.append(batch)
-                if not micro or (len(micro) < tcfg["grad_accum"] and not accelerator.gradient_state.end_of_dataloader):
+                if not micro or (len(micro) < tcfg["grad_accum"]
+                                 and not accelerator.gradient_state.end_of_dataloader):
                     continue
                 # Every supervised token of the update weighs the same, whichever micro-batch and
                 # process holds it: micro-batch i of a process is weighted by its share of the
                 # update's global token count (so 2 processes x 2 micro-batches of 1 train exactly
                 # like 1 process x 1 batch of 4). Accumulation syncs DDP only on the last micro-batch.
-                counts = [(unwrapped.supervised_labels(b["input_ids"], b["labels"])[:, 1:] != IGNORE_INDEX).sum().float()
-                          for b in micro]
+                counts = [(unwrapped.supervised_labels(b["input_ids"], b["labels"])[:, 1:] != IGNORE_INDEX)
+                          .sum().float() for b in micro]
                 total_tokens = torch.stack(counts).sum()
                 if accelerator.num_processes > 1:
                     total_tokens = accelerator.reduce(total_tokens.clone(), reduction="sum")
