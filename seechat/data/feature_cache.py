@@ -77,14 +77,14 @@ def encoder_key(encoder: torch.nn.Module, compute_dtype: torch.dtype | None) -> 
 def image_key(image: Any, image_root: str | os.PathLike | None = None) -> str:
     """SHA-256 of the image's content: file bytes for a path or HF bytes dict, pixels for PIL."""
     h = hashlib.sha256()
-    if isinstance(image, Image.Image):
+    path = _file_of(image, image_root)
+    if path is not None:
+        h.update(path.read_bytes())
+    elif isinstance(image, Image.Image):
         h.update(f"{image.mode}:{image.size}".encode())
         h.update(image.tobytes())
-    elif isinstance(image, dict) and image.get("bytes") is not None:
-        h.update(image["bytes"])
     else:
-        path = image.get("path") if isinstance(image, dict) else image
-        h.update(resolve_image_path(path, image_root).read_bytes())
+        h.update(image["bytes"])
     return h.hexdigest()
 
 
@@ -93,6 +93,11 @@ def _file_of(image: Any, image_root: str | os.PathLike | None) -> Path | None:
     if isinstance(image, Image.Image) or (isinstance(image, dict) and image.get("bytes") is not None):
         return None
     return resolve_image_path(image.get("path") if isinstance(image, dict) else image, image_root)
+
+
+def _file_id(record: dict) -> tuple[str, int, int]:
+    """What identifies a file record without reading the file: path, size, mtime."""
+    return record["file"], record["size"], record["mtime_ns"]
 
 
 class FeatureCache:
@@ -127,7 +132,7 @@ class FeatureCache:
             self._rows[entry["key"]] = (shard, row)
         for entry in manifest["rows"] + manifest.get("files", []):
             if entry.get("file") is not None:
-                self._files[(entry["file"], entry["size"], entry["mtime_ns"])] = entry["key"]
+                self._files[_file_id(entry)] = entry["key"]
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
@@ -137,14 +142,18 @@ class FeatureCache:
 
     def key_of(self, image: Any, image_root: str | os.PathLike | None = None) -> str:
         """The content key of an image reference; a file already hashed is not read again."""
+        return self._identify(image, image_root)[0]
+
+    def _identify(self, image: Any, image_root: str | os.PathLike | None) -> tuple[str, dict | None]:
+        """(content key, the file record it belongs to; None for an in-memory image)."""
         self.rows  # noqa: B018 (loads the manifests, which hold the known files)
         path = _file_of(image, image_root)
-        if path is not None:
-            stat = path.stat()
-            known = self._files.get((str(path), stat.st_size, stat.st_mtime_ns))
-            if known is not None:
-                return known
-        return image_key(image, image_root)
+        if path is None:
+            return image_key(image, image_root), None
+        stat = path.stat()
+        file = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        known = self._files.get(_file_id(file))
+        return (known if known is not None else image_key(image, image_root)), file
 
     def get(self, key: str) -> torch.Tensor:
         """Stored features `[N_patches, D]` of the image with content key `key`."""
@@ -200,17 +209,14 @@ class FeatureCache:
         aliases = []  # files whose content is cached (or about to be) under another path: no rehash later
         for image in images:
             try:
-                key = self.key_of(image, image_root)
-                path = _file_of(image, image_root)
-                stat = path.stat() if path is not None else None
+                key, file = self._identify(image, image_root)
             except OSError as err:
                 if on_error == "raise":
                     raise SampleError(None, f"cannot read image for the feature cache: {err}") from err
                 continue
-            file = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
             if key not in self.rows and key not in todo:
                 todo[key] = (image, file)
-            elif file is not None and (file["file"], file["size"], file["mtime_ns"]) not in self._files:
+            elif file is not None and _file_id(file) not in self._files:
                 aliases.append({"key": key, **file})
         device = next(encoder.parameters()).device
         writer, done = None, 0
@@ -240,7 +246,7 @@ class FeatureCache:
             writer.close()
         if aliases:
             alias_writer = self._writer()
-            alias_writer.aliases = list({(a["file"], a["size"], a["mtime_ns"]): a for a in aliases}.values())
+            alias_writer.aliases = list({_file_id(a): a for a in aliases}.values())
             alias_writer.close()
         if done:
             logger.info("feature cache %s: computed %d image(s), %d cached", self.dir, done, len(self.rows))
@@ -253,7 +259,7 @@ class _ShardWriter:
     def __init__(self, cache: FeatureCache, shard: int) -> None:
         self.cache, self.shard = cache, shard
         self.tmp = cache.dir / f".shard-{shard:05d}.bin.tmp"
-        self.file = open(self.tmp, "wb")
+        self.file = None  # opened by the first write: a shard of aliases only has no rows
         self.rows: list[dict] = []
         self.aliases: list[dict] = []  # file records of content stored in other shards
         self.dtype: torch.dtype | None = None
@@ -270,16 +276,18 @@ class _ShardWriter:
                              f"{self.dtype} {self.shape}")
         data = features.detach().cpu().contiguous()
         array = (data.view(torch.uint16) if data.dtype == torch.bfloat16 else data).numpy()
+        self.file = self.file or open(self.tmp, "wb")
         self.file.write(array.tobytes())
         self.bytes += array.nbytes
         self.rows += [{"key": key, **(file or {})} for key, file in zip(keys, files)]
 
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         d = self.cache.dir
-        os.replace(self.tmp, d / f"shard-{self.shard:05d}.bin")
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, d / f"shard-{self.shard:05d}.bin")
         manifest = {"shard": self.shard, "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
                     "shape": list(self.shape) if self.shape else None, "rows": self.rows, "files": self.aliases}
         tmp = d / f".shard-{self.shard:05d}.json.tmp"
