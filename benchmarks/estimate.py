@@ -131,7 +131,7 @@ def main() -> None:
         print(json.dumps(child(args.child)))
         return
     sys.path.insert(0, str(HERE))
-    from provenance import provenance
+    from provenance import provenance, write_results
 
     started = {**provenance(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
@@ -153,9 +153,7 @@ def main() -> None:
               "goal": "|estimate / median measured - 1| <= 0.15", "cases": rows,
               "max_abs_error": max(abs(r["error"]) for r in rows),
               "within_15pct": all(abs(r["error"]) <= 0.15 for r in rows), "big": big_estimates()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}; max |error| {result['max_abs_error']:.1%}")
+    write_results(result, args.out, f"; max |error| {result['max_abs_error']:.1%}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from llava_reference import CORPUS, lm_config, tower_config  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_results  # noqa: E402
 
 from seechat.config import load_recipe  # noqa: E402
 from seechat.tiny import train_tokenizer  # noqa: E402
@@ -142,9 +142,7 @@ def main() -> None:
             "rounds": rounds,
         }
     results["load_average_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ benchmarks/results/generate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from llava_reference import llava_from, seechat_model, synthetic_batch  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -83,9 +82,7 @@ def main() -> None:
         "token_agreement": float((outputs["seechat"] == outputs["llava"]).float().mean()),
         "load_average_end": os.getloadavg(),
     })
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}: x{results['ratio_median']:.2f}, same tokens {results['same_tokens']}")
+    write_results(results, args.out, f": x{results['ratio_median']:.2f}, same tokens {results['same_tokens']}")
 
 
 if __name__ == "__main__":

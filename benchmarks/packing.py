@@ -24,6 +24,9 @@ from seechat.data.packing import padding_waste
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from provenance import write_results  # noqa: E402
 
 
 def _generated() -> list[dict]:
@@ -73,9 +76,8 @@ def main() -> None:
             "length_grouped_packed": padding_waste(lengths, batches["length_grouped"], packed=True),
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["padding_waste"], indent=1), f"\nwrote {args.out}")
+    print(json.dumps(result["padding_waste"], indent=1))
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

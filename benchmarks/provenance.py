@@ -1,8 +1,9 @@
-"""What a benchmark figure belongs to: the commit (with "-dirty" when the code differs from
+"""Shared by the benchmarks: what a figure belongs to - the commit (with "-dirty" when the code differs from
 it, so the figure belongs to no commit) and the machine (bf16 kernels differ between CPUs:
 AVX512-BF16, AMX, emulated)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -41,3 +42,10 @@ def machine() -> dict:
 def provenance() -> dict:
     """Commit and machine; call it at the start of a run (the code a run imports is the code at its start)."""
     return {"commit": commit(), "machine": machine()}
+
+
+def write_results(results: dict, out: str | os.PathLike, summary: str = "") -> None:
+    """Write a benchmark's results to `out` as JSON (creating its directory) and say so."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}{summary}")

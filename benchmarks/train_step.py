@@ -166,7 +166,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.configs, args.batch_size, args.steps, args.threads)))
         return
     sys.path.insert(0, str(HERE))
-    from provenance import provenance
+    from provenance import provenance, write_results
 
     results: dict = {**provenance(), "command": "python " + " ".join(sys.argv),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -194,9 +194,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in results["configs"][config].items()
                           if k not in ("seechat", "reference_result")}), flush=True)
     results["load_average_end"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
