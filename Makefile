@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m seechat.demo
+	$(PY) -m seechat.experiments.easyvqa
 
 # Speed/memory benchmarks run on one thread each (the ratios are what they report); see README
 # "Speed and memory". Each writes benchmarks/results/<name>.json.

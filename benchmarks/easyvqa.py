@@ -1,4 +1,4 @@
-"""The embedded default's benchmark: `make demo`'s pipeline (seechat.demo.pipeline.run_seed:
+"""The embedded default's benchmark: `make demo`'s pipeline (seechat.experiments.easyvqa.pipeline.run_seed:
 data, experts, align, finetune, test) for several seeds, and the spread of its accuracy.
 
     .venv/bin/python benchmarks/easyvqa.py                  seeds 0 1 2 (`make bench`)
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from seechat.demo.pipeline import run_seed
+from seechat.experiments.easyvqa.pipeline import run_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402

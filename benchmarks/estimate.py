@@ -5,7 +5,7 @@ estimates the README quotes.
 
 For each small configuration a fresh subprocess imports everything, records its RSS (the
 baseline: interpreter, torch, transformers), builds the model from the recipe, trains 3 steps
-exactly as seechat.train does (autocast per train.mixed_precision, fused AdamW, zero_grad to
+exactly as seechat.training.loop does (autocast per train.mixed_precision, fused AdamW, zero_grad to
 None) and reads the kernel's peak RSS (VmHWM); measured = peak - baseline. Peak RSS of one
 configuration varies by ~10% between runs (glibc's heap), so each runs in 3 fresh subprocesses
 and the median is compared with the estimate's total for the same recipe, batch and sequence:
@@ -53,7 +53,7 @@ def _recipe(work: Path, overrides: list[str]) -> dict:
     import yaml
 
     from seechat.config import load_recipe
-    from seechat.tiny import train_tokenizer
+    from seechat.experiments.tiny import train_tokenizer
 
     tok = work / "tokenizer"
     if not tok.is_dir():
@@ -73,18 +73,18 @@ def child(case: str) -> dict:
     sys.path.insert(0, str(HERE))
     from llava_reference import synthetic_batch
 
-    from seechat.build import build_model
-    from seechat.estimate import estimate
-    from seechat.loss import reuse_frozen_head_casts
-    from seechat.modes import resolve_modes
-    from seechat.train import make_optimizer
+    from seechat.models.kinds import build_model
+    from seechat.tools.estimate import estimate
+    from seechat.models.loss import reuse_frozen_head_casts
+    from seechat.models.kinds import stage_modes
+    from seechat.training.loop import make_optimizer
 
     torch.set_num_threads(1)
     overrides, batch, seq, sup = CASES[case]
     recipe = _recipe(Path(tempfile.mkdtemp()), overrides)
     est = estimate(recipe, batch=batch, seq_len=seq, supervised=sup, device="cpu")
     baseline = _status("VmRSS:")
-    model = build_model(recipe["model"], resolve_modes(recipe["stage"], recipe["model"]))
+    model = build_model(recipe["model"], stage_modes(recipe["stage"], recipe["model"]))
     data = synthetic_batch(model, batch, seq - model.num_image_tokens, sup)
     optimizer = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}], lr=1e-5)
     model.train()
@@ -108,7 +108,7 @@ def child(case: str) -> dict:
 
 def big_estimates() -> dict:
     from seechat.config import load_recipe
-    from seechat.estimate import estimate, format_estimate
+    from seechat.tools.estimate import estimate, format_estimate
 
     out = {}
     for name, overrides in {"vicuna7b_qlora_24gb": [],

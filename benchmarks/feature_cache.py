@@ -42,8 +42,8 @@ from llava_reference import CORPUS, lm_config, tower_config  # noqa: E402
 from provenance import provenance, write_results  # noqa: E402
 
 from seechat.config import load_recipe  # noqa: E402
-from seechat.tiny import train_tokenizer  # noqa: E402
-from seechat.train import run  # noqa: E402
+from seechat.experiments.tiny import train_tokenizer  # noqa: E402
+from seechat.training.loop import run  # noqa: E402
 
 EPOCHS = 3
 COLORS = ["red", "blue", "green"]

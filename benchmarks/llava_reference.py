@@ -2,7 +2,7 @@
 transformers `LlavaForConditionalGeneration` holding the same weights, plus synthetic batches.
 
 The reference is what a user would train instead: stock Llava (CLIP tower, LLaVA-1.5 projector,
-the same causal LM) fed the same token ids, pixels and labels. `seechat.export.export_llava_hf`
+the same causal LM) fed the same token ids, pixels and labels. `seechat.tools.export.export_llava_hf`
 (`model_to_llava`, when present) is preferred for the conversion; otherwise the state dicts are copied here.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from seechat.build import build_model
-from seechat.model import SeeChatVLM
-from seechat.tiny import train_tokenizer
+from seechat.models.kinds import build_model
+from seechat.models.base import SeeChatVLM
+from seechat.experiments.tiny import train_tokenizer
 
 CORPUS = ["What is in the image? A red circle next to a blue square."] * 20
 
@@ -57,7 +57,7 @@ def seechat_model(
 def llava_from(model: SeeChatVLM) -> LlavaForConditionalGeneration:
     """Stock Llava with the seechat model's weights (MLP adapter, HF CLIP tower, no LoRA)."""
     try:
-        from seechat.export import model_to_llava  # the library's exporter, when present
+        from seechat.tools.export import model_to_llava  # the library's exporter, when present
     except ImportError:
         return _copy_into_llava(model)
     return model_to_llava(model)

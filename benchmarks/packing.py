@@ -46,13 +46,13 @@ def main() -> None:
     parser.add_argument("--image-tokens", type=int, default=17)
     parser.add_argument("--out", default=str(HERE / "results" / "packing.json"))
     args = parser.parse_args()
-    from seechat.llm import load_tokenizer
+    from seechat.models.llm import load_tokenizer
 
     if Path(args.data).is_file() and Path(args.tokenizer).is_dir():
         records, source = json.loads(Path(args.data).read_text()), args.data
         tokenizer = load_tokenizer({"name_or_path": args.tokenizer})
     else:
-        from seechat.tiny import train_tokenizer
+        from seechat.experiments.tiny import train_tokenizer
 
         records, source = _generated(), "generated (easy-VQA data not present)"
         tokenizer = train_tokenizer([r["conversations"][1]["value"] for r in records[:200]], vocab_size=400)

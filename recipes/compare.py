@@ -3,7 +3,7 @@ training-time budget: `python recipes/compare.py [--config recipes/compare.yaml]
 the same as `seechat compare`. Writes benchmarks/results/compare.{json,md,png}."""
 import sys
 
-from seechat.compare import main
+from seechat.experiments.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

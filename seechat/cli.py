@@ -9,12 +9,12 @@ from typing import Sequence
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_recipe
-    from .train import run
+    from seechat.config import load_recipe
+    from seechat.training.loop import run
 
     if args.config is None:  # the embedded default: easy-VQA with tiny local experts
-        from .config import REPO_ROOT
-        from .demo.pipeline import ensure_default_inputs
+        from seechat.config import REPO_ROOT
+        from seechat.experiments.easyvqa.pipeline import ensure_default_inputs
 
         ensure_default_inputs()
         args.config = str(REPO_ROOT / "recipes" / f"easyvqa_{args.stage or 'align'}.yaml")
@@ -29,8 +29,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import evaluate_to_dir
-    from .saving import load
+    from seechat.inference.evaluate import evaluate_to_dir
+    from seechat.models.kinds import load
 
     model = load(args.model)
     # Beside the model, not in it: a model directory is replaced whole when saved again,
@@ -47,8 +47,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import one_shot, repl
-    from .saving import load
+    from seechat.inference.chat import one_shot, repl
+    from seechat.models.kinds import load
 
     if args.question and args.question_flag:
         raise SystemExit("seechat chat: give the question either positionally or with --question, not both")
@@ -61,7 +61,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_llava_hf
+    from seechat.tools.export import export_llava_hf
 
     out = export_llava_hf(args.model, args.out)
     print(f"exported {args.model} to {out} ({args.to}); load it with LlavaForConditionalGeneration + AutoProcessor")
@@ -69,7 +69,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge import merge_model
+    from seechat.tools.merge import merge_model
 
     out = merge_model(args.model, args.out)
     print(f"merged LoRA of {args.model} into a standalone checkpoint at {out}")
@@ -77,7 +77,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from seechat.inference.serve import serve
 
     serve(args.model, host=args.host, port=args.port, model_name=args.model_name, image_dir=args.image_dir,
           max_new_tokens=args.max_new_tokens)
@@ -130,9 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out", help="output directory")
     p.set_defaults(func=_merge)
 
-    from .estimate import add_estimate_parser
+    from seechat.tools.estimate import add_estimate_parser
 
-    add_estimate_parser(sub)  # seechat/estimate.py
+    add_estimate_parser(sub)  # seechat/tools/estimate.py
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     p.add_argument("--model", required=True, help="saved seechat model directory")
@@ -143,11 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length: the default and the cap on what a request may ask for")
     p.set_defaults(func=_serve)
 
-    from .compare import add_compare_parser
-    from .native.cli import add_generate_image_parser
+    from seechat.experiments.compare import add_compare_parser
+    from seechat.inference.draw import add_generate_image_parser
 
-    add_generate_image_parser(sub)  # seechat/native/cli.py
-    add_compare_parser(sub)  # seechat/compare.py
+    add_generate_image_parser(sub)  # seechat/inference/draw.py
+    add_compare_parser(sub)  # seechat/experiments/compare.py
 
     args = parser.parse_args(argv)
     return args.func(args)

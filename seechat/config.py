@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from .registry import ADAPTERS, TRAINING_KEYS, lookup
+from seechat.models.kinds import KINDS
+from seechat.models.modes import LORA_DEFAULTS
+from seechat.models.registry import ADAPTERS, TRAINING_KEYS, lookup
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CARD_DIRS = (Path.cwd() / "adapters", REPO_ROOT / "adapters")
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "easyvqa_align.yaml"
-
-LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
 
 DEFAULTS: dict[str, Any] = {
     "stage": "align",
@@ -62,9 +62,9 @@ DEFAULTS: dict[str, Any] = {
             "lr": None,
             "lora": None,
         },
-        # kind: native only (seechat/native/): the VQ image tokenizer and Chameleon's stabilisers
+        # kind: native only (seechat/models/native/): the VQ image tokenizer and Chameleon's stabilisers
         "native": {
-            "vq": None,  # a saved seechat.native.vq.VQTokenizer directory
+            "vq": None,  # a saved seechat.models.native.vq.VQTokenizer directory
             "qk_norm": True,  # false: the LM's q_norm/k_norm become identities (ablation)
             "z_loss": 0.0,  # coefficient of mean(logsumexp(logits)^2) at supervised positions
             "attention_dropout": 0.0,
@@ -195,11 +195,11 @@ def apply_override(recipe: dict, item: str) -> None:
 def _resolve_adapter(recipe: dict) -> None:
     model = recipe.setdefault("model", {})
     kind = model.get("kind", DEFAULTS["model"]["kind"])
-    if kind not in ("stitched", "native"):
-        raise RecipeError(f"model.kind={kind!r}; valid: stitched, native")
-    if kind == "native":  # one transformer, no adapter: images enter as VQ codes
+    if kind not in KINDS:
+        raise RecipeError(f"model.kind={kind!r}; valid: {', '.join(KINDS)}")
+    if "adapter" not in KINDS[kind].model.parts:  # e.g. early fusion: images enter as VQ codes
         if model.get("adapter") not in (None, {}):
-            raise RecipeError("model.kind=native has no adapter; remove model.adapter")
+            raise RecipeError(f"model.kind={kind} has no adapter; remove model.adapter")
         model["adapter"] = {}
         return
     adapter = model.get("adapter", DEFAULTS["model"]["adapter"])

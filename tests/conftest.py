@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-from seechat.encoders.open_clip import _merge
-from seechat.tiny import (
+from seechat.models.encoders.open_clip import _merge
+from seechat.experiments.tiny import (
     tiny_clip_vision_config,
     tiny_llm_config,
     tiny_open_clip_overrides,

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader
 from conftest import tiny_recipe
 from seechat.config import REPO_ROOT, RecipeError, load_recipe
 from seechat.data import SampleError, TruncationError, VLMCollator, VLMDataset, load_image, read_llava_records
-from seechat.encoders.base import clip_style_transform
-from seechat.tiny import train_tokenizer
-from seechat.train import model_for, run
+from seechat.models.encoders.base import clip_style_transform
+from seechat.experiments.tiny import train_tokenizer
+from seechat.training.loop import model_for, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -407,11 +407,10 @@ def test_adapter_width_that_does_not_match_the_encoder(experts, tiny_vqa, tmp_pa
     from transformers import CLIPVisionModel
 
     from seechat import load
-    from seechat.saving import save_pretrained
-    from seechat.tiny import tiny_clip_vision_config
+    from seechat.experiments.tiny import tiny_clip_vision_config
 
     model = model_from(experts, tiny_vqa, tmp_path)
-    save_pretrained(model, tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved")
     CLIPVisionModel(tiny_clip_vision_config(hidden_size=48)).save_pretrained(tmp_path / "wider_clip")
     meta = json.loads((tmp_path / "saved" / "seechat.json").read_text())
     assert "encoder" not in meta["stored"]  # a reference, not weights

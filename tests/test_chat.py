@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import seechat
-from seechat.chat import repl
+from seechat.inference.chat import repl
 from seechat.cli import main
 from seechat.data import encode_prompt
 from vlm_helpers import saved_model, shape_image
@@ -36,7 +36,7 @@ def pictures(tmp_path_factory):
 def reference(model, turns, images, max_new_tokens=8):
     """The answer computed directly from token ids: what every chat path must reproduce."""
     ids = torch.tensor([encode_prompt(turns, model.tokenizer, model.num_image_tokens)])
-    pixels = torch.stack([model.encoder.transform(seechat.data.load_image(i)) for i in images]) if images else None
+    pixels = torch.stack([model.image_transform(seechat.data.load_image(i)) for i in images]) if images else None
     out = model.generate(ids, pixel_values=pixels, num_images=torch.tensor([len(images)]), max_new_tokens=max_new_tokens)
     return model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_recipe
-from seechat.compare import load_compare_config, train_for
-from seechat.compare_report import markdown, write_results
+from seechat.experiments.compare import load_compare_config, train_for
+from seechat.experiments.compare_report import markdown, write_results
 from seechat.config import RecipeError
-from seechat.train import run
+from seechat.training.loop import run
 
 
 def test_compare_config_defaults_and_errors():

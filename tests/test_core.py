@@ -10,8 +10,8 @@ import torch
 
 from conftest import image_batch, model_config
 from seechat import build_model, load
-from seechat.adapters import MLPAdapter, ResamplerAdapter, sincos_2d
-from seechat.registry import build_adapter, build_encoder
+from seechat.models.adapters import MLPAdapter, ResamplerAdapter, sincos_2d
+from seechat.models.registry import build_adapter, build_encoder
 
 ALIGN = {"encoder": "frozen", "adapter": "full", "llm": "frozen"}
 

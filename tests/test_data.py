@@ -33,7 +33,7 @@ from seechat.data import (
     read_llava_records,
     tokenize_conversation,
 )
-from seechat.tiny import train_tokenizer
+from seechat.experiments.tiny import train_tokenizer
 
 SENTENCES = [
     f"{adjective} {colour} {shape} {place}"

@@ -34,7 +34,7 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(experts, tiny_vqa, tmp_path):
-    from seechat.train import build_dataset, model_for
+    from seechat.training.loop import build_dataset, model_for
 
     # The halves of a global batch hold different numbers of supervised tokens: each process
     # weights its loss by its share of the global count, so the gradient is still the mean over
@@ -113,7 +113,7 @@ def test_accelerate_configs_parse(name, kind):
 def test_fsdp_request_on_cpu_is_refused_not_downgraded(experts, tiny_vqa, tmp_path, monkeypatch):
     """accelerate chooses FSDP only for GPU-like devices; with `--config_file fsdp.yaml` on this
     CPU it would set up plain DDP. seechat stops instead of training something else."""
-    from seechat.train import run
+    from seechat.training.loop import run
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RuntimeError, match="asked for FSDP but accelerate set up NO on cpu: accelerate runs FSDP on GPUs"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from seechat.config import REPO_ROOT
-from seechat.demo.experts import _qa_pairs, image_attributes
+from seechat.experiments.easyvqa.experts import _qa_pairs, image_attributes
 
 spec = importlib.util.spec_from_file_location("prepare_easyvqa", REPO_ROOT / "data" / "prepare_easyvqa.py")
 prepare_easyvqa = importlib.util.module_from_spec(spec)
@@ -88,7 +88,7 @@ def test_attributes_inferred_from_yes_no_agree_with_what_answers(easyvqa):
 
 
 def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
-    from seechat.demo.pipeline import question_type, run_seed, write_report
+    from seechat.experiments.easyvqa.pipeline import question_type, run_seed, write_report
 
     monkeypatch.chdir(tmp_path)
     os.makedirs("data/generated")
@@ -114,8 +114,8 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
     for expert in ("tokenizer", "vision", "llm"):
         assert Path("runs/demo/experts", expert).is_dir()
     # The experts record how they were made; only the same settings reuse them.
-    from seechat.demo.experts import EXPERTS_VERSION
-    from seechat.demo.pipeline import ensure_default_inputs
+    from seechat.experiments.easyvqa.experts import EXPERTS_VERSION
+    from seechat.experiments.easyvqa.pipeline import ensure_default_inputs
     from seechat.precision import resolve_mixed_precision
 
     settings = {"max_train_samples": 40, "vision_epochs": 1, "llm_epochs": 1}
@@ -130,7 +130,7 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
 
 
 def test_data_prepared_by_an_older_script_is_prepared_again(easyvqa, tmp_path):
-    from seechat.demo.pipeline import prepare_data
+    from seechat.experiments.easyvqa.pipeline import prepare_data
 
     marker = json.loads((easyvqa / "prepared_by.json").read_text())
     assert marker == {"script_sha256": prepare_easyvqa.script_digest(), "seed": 0}

@@ -10,9 +10,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from conftest import image_batch, model_config
 from seechat import build_model
-from seechat.merge import merge_tower_lora
-from seechat.modes import encoder_lora_targets
-from seechat.registry import build_encoder
+from seechat.tools.merge import merge_tower_lora
+from seechat.models.modes import encoder_lora_targets
+from seechat.models.registry import build_encoder
 
 LORA_ENCODER = {"encoder": "lora", "adapter": "frozen", "llm": "frozen"}
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from seechat.build import build_model
+from seechat.models.kinds import build_model
 from seechat.cli import main
 from seechat.config import REPO_ROOT, load_recipe
-from seechat.estimate import NF4_BYTES, estimate
-from seechat.modes import resolve_modes
-from seechat.tiny import train_tokenizer
+from seechat.tools.estimate import NF4_BYTES, estimate
+from seechat.models.kinds import stage_modes
+from seechat.experiments.tiny import train_tokenizer
 
 TOWER = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
          "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -34,7 +34,7 @@ def recipe_path(tmp_path_factory):
 def test_weights_grads_and_adamw_state_match_the_built_model(recipe_path, stage, llm_mode):
     overrides = [f"stage={stage}"] + ([f"llm.mode={llm_mode}", "llm.lora={r: 4}"] if llm_mode else [])
     recipe = load_recipe(recipe_path, overrides)
-    model = build_model(recipe["model"], resolve_modes(stage, recipe["model"]))
+    model = build_model(recipe["model"], stage_modes(stage, recipe["model"]))
     result = estimate(recipe, dtype="fp32")
     for name, est in result["modules"].items():
         params = list(getattr(model, name).parameters())

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from seechat import load
 from seechat.cli import main
 from seechat.data import encode_prompt
-from seechat.export import NotExpressibleError, export_llava_hf
+from seechat.tools.export import NotExpressibleError, export_llava_hf
 from vlm_helpers import saved_model, shape_image
 
 QUESTION = "What color is the shape?"
@@ -22,7 +22,7 @@ def seechat_reference(model_dir, image, max_new_tokens=6):
     model = load(model_dir)
     ids = torch.tensor([encode_prompt([{"from": "human", "value": f"<image>\n{QUESTION}"}],
                                       model.tokenizer, model.num_image_tokens)])
-    pixels = model.encoder.transform(image).unsqueeze(0)
+    pixels = model.image_transform(image).unsqueeze(0)
     with torch.no_grad():
         logits = model(ids, pixel_values=pixels).logits
     tokens = model.generate(ids, pixel_values=pixels, max_new_tokens=max_new_tokens)[0]
@@ -95,7 +95,7 @@ def test_export_default_torchvision_processor_same_answer(experts, tmp_path):
     model_dir = saved_model(experts, tmp_path / "model")
     out = export_llava_hf(model_dir, tmp_path / "llava")
     ref_logits, logits = assert_same_as_seechat(model_dir, out, backend=None)
-    # A different bicubic kernel: close, not equal (documented in seechat/export.py).
+    # A different bicubic kernel: close, not equal (documented in seechat/tools/export.py).
     assert (logits - ref_logits).abs().max().item() < 1e-2
 
 
@@ -125,8 +125,8 @@ def test_export_cli_and_refusals(experts, tmp_path):
 def test_open_clip_layerscale_folds_and_unsupported_parts_are_named(experts):
     from open_clip.transformer import LayerScale
 
-    from seechat.clip_convert import open_clip_to_clip
-    from seechat.registry import build_encoder
+    from seechat.tools.clip_convert import open_clip_to_clip
+    from seechat.models.registry import build_encoder
     from transformers import CLIPVisionModel
 
     encoder = build_encoder({**experts["open_clip_encoder"], "feature_layer": -1}).eval()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from seechat.build import build_model
+from seechat.models.kinds import build_model
 from seechat.data.feature_cache import (
     FeatureCache,
     encoder_key,
@@ -18,7 +18,7 @@ from seechat.data.feature_cache import (
     resolve_feature_cache,
     transform_is_deterministic,
 )
-from seechat.train import run
+from seechat.training.loop import run
 
 from conftest import model_config, tiny_recipe
 

@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from seechat import checkpoint
-from seechat.train import run
+from seechat.training import checkpoint
+from seechat.training.loop import run
 
 # LoRA (with dropout, so the RNG state matters), grad accumulation and a shuffled order.
 COMMON = ["stage=finetune", "llm.mode=lora", "train.grad_accum=2", "train.batch_size=3", "train.save_every=3"]
@@ -28,16 +28,16 @@ COMMON = ["stage=finetune", "llm.mode=lora", "train.grad_accum=2", "train.batch_
 RUNNER = """
 import sys, time
 from seechat.config import load_recipe
-from seechat.model import SeeChatVLM
-from seechat.train import run
+from seechat.models.stitched.model import StitchedVLM
+from seechat.training.loop import run
 
 recipe_path, resume, delay = sys.argv[1], sys.argv[2] == "resume", float(sys.argv[3])
 if delay:  # slow each forward down so the test can kill the run at the step it picked
-    forward = SeeChatVLM.forward
+    forward = StitchedVLM.forward
     def slow(self, *args, **kwargs):
         time.sleep(delay)
         return forward(self, *args, **kwargs)
-    SeeChatVLM.forward = slow
+    StitchedVLM.forward = slow
 run(load_recipe(recipe_path, sys.argv[4:]), resume=resume)
 """
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seechat.build import build_model
-from seechat.loss import chunked_head_loss
+from seechat.models.kinds import build_model
+from seechat.models.loss import chunked_head_loss
 
 from conftest import image_batch, model_config
 
@@ -77,7 +77,7 @@ def test_vlm_loss_equals_full_logits_loss(experts):
 
 
 def test_frozen_head_is_cast_once_per_block_and_a_trained_one_every_time():
-    from seechat.loss import reuse_frozen_head_casts
+    from seechat.models.loss import reuse_frozen_head_casts
 
     frozen = nn.Linear(8, 50, bias=False).requires_grad_(False)
     trained = nn.Linear(8, 50, bias=False)

@@ -10,15 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_recipe
-from seechat.guard import NonFiniteError
-from seechat.model import SeeChatVLM
-from seechat.train import run
+from seechat.training.guard import NonFiniteError
+from seechat.models.stitched.model import StitchedVLM
+from seechat.training.loop import run
 
 
 def poison(monkeypatch, bad_calls: set[int] | None, from_call: int | None = None) -> list[dict]:
-    """Make SeeChatVLM's loss NaN on the chosen forward calls (1-based); returns snapshots of the
+    """Make StitchedVLM's loss NaN on the chosen forward calls (1-based); returns snapshots of the
     adapter's weights taken at the start of every call, i.e. after the previous update."""
-    forward = SeeChatVLM.forward
+    forward = StitchedVLM.forward
     snapshots: list[dict] = []
 
     def poisoned(self, *args, **kwargs):
@@ -29,7 +29,7 @@ def poison(monkeypatch, bad_calls: set[int] | None, from_call: int | None = None
             out.loss = out.loss * float("nan")  # NaN loss, and NaN gradients through it
         return out
 
-    monkeypatch.setattr(SeeChatVLM, "forward", poisoned)
+    monkeypatch.setattr(StitchedVLM, "forward", poisoned)
     return snapshots
 
 

@@ -15,12 +15,12 @@ from torch import nn
 from seechat import load
 from seechat.cli import main
 from seechat.config import load_recipe
-from seechat.evaluate import evaluate_file
-from seechat.loss import chunked_head_loss
-from seechat.native.vocab import CodeVocab
-from seechat.native.vq import HALF, VQTokenizer, train_vq, vq_metrics
-from seechat.encoders.base import clip_style_transform
-from seechat.train import run
+from seechat.inference.evaluate import evaluate_file
+from seechat.models.loss import chunked_head_loss
+from seechat.models.native.vocab import CodeVocab
+from seechat.models.native.vq import HALF, VQTokenizer, train_vq, vq_metrics
+from seechat.models.encoders.base import clip_style_transform
+from seechat.training.loop import run
 
 SIZE = 16
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
@@ -174,7 +174,7 @@ def test_native_load_evaluate_and_supervise_drawn_images(trained, native_data):
     assert result["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
     # answers are text: no image code or boundary id is ever generated
     from seechat.data import VLMCollator
-    from seechat.evaluate import PromptDataset
+    from seechat.inference.evaluate import PromptDataset
 
     records = json.loads(Path(native_data["test"]).read_text())[:4]
     batch = VLMCollator(model.tokenizer.pad_token_id, "left")([PromptDataset(records, model, native_data["root"])[i] for i in range(4)])
@@ -184,7 +184,7 @@ def test_native_load_evaluate_and_supervise_drawn_images(trained, native_data):
     # a drawn image is supervised (boundaries + codes + the end-of-turn token); a question's is not
     from seechat.data import SampleEncoder
 
-    encoder = SampleEncoder(model.tokenizer, model.encoder.transform, model.num_image_tokens, image_root=native_data["root"])
+    encoder = SampleEncoder(model.tokenizer, model.image_transform, model.num_image_tokens, image_root=native_data["root"])
     samples = json.loads(Path(native_data["train"]).read_text())
     for sample, expected in ((samples[1], 16 + 2 + 1), (samples[0], len(model.tokenizer("red<|im_end|>")["input_ids"]))):
         item = encoder(sample, 0)
@@ -198,7 +198,7 @@ def test_z_loss_enters_the_native_loss(trained, native_data):
     model = load(trained["out"] / "final")
     from seechat.data import SampleEncoder
 
-    encoder = SampleEncoder(model.tokenizer, model.encoder.transform, model.num_image_tokens, image_root=native_data["root"])
+    encoder = SampleEncoder(model.tokenizer, model.image_transform, model.num_image_tokens, image_root=native_data["root"])
     item = encoder(json.loads(Path(native_data["train"]).read_text())[0], 0)
     batch = dict(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"], num_images=torch.tensor([1]),
                  labels=item["labels"][None])
@@ -217,7 +217,7 @@ def test_supervised_labels_count_the_image_codes_the_loss_averages_over(trained,
     model = load(trained["out"] / "final")
     from seechat.data import SampleEncoder
 
-    encoder = SampleEncoder(model.tokenizer, model.encoder.transform, model.num_image_tokens, image_root=native_data["root"])
+    encoder = SampleEncoder(model.tokenizer, model.image_transform, model.num_image_tokens, image_root=native_data["root"])
     records = json.loads(Path(native_data["train"]).read_text())
     drawn = next(r for r in records if "<image>" in r["conversations"][-1]["value"])  # an image in the reply
     item = encoder(drawn, 0)
@@ -237,7 +237,7 @@ def test_generate_image_cli_writes_a_png(trained, tmp_path):
 
 
 def test_stabiliser_switches(experts, vq_dir, native_data, tmp_path):
-    from seechat.train import model_for
+    from seechat.training.loop import model_for
 
     recipe = native_recipe(experts, vq_dir, native_data, tmp_path / "r", "model.native.qk_norm=false",
                            "model.native.hidden_dropout=0.5")
@@ -256,9 +256,9 @@ def test_stabiliser_switches(experts, vq_dir, native_data, tmp_path):
 def test_a_pretrained_text_lm_with_padded_vocabulary_gets_codes_after_its_tokenizer(experts, vq_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from seechat.native.model import assemble_native
-    from seechat.native.vq import VQTokenizer
-    from seechat.tiny import tiny_llm_config
+    from seechat.models.native.model import assemble_native
+    from seechat.models.native.vq import VQTokenizer
+    from seechat.experiments.tiny import tiny_llm_config
 
     vq = VQTokenizer.from_pretrained(vq_dir)
     tok = AutoTokenizer.from_pretrained(experts["tokenizer"])

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from seechat.build import build_model
+from seechat.models.kinds import build_model
 from seechat.data import VLMCollator, VLMDataset, read_llava_records
 from seechat.data.packing import PackingCollator, pack_rows, padding_waste
-from seechat.train import run
+from seechat.training.loop import run
 
 from conftest import model_config, tiny_recipe
 
@@ -34,7 +34,7 @@ def _items(experts, tiny_vqa, arch):
     torch.manual_seed(0)
     model = build_model(model_config(experts, llm=arch), MODES).eval()
     records = read_llava_records(tiny_vqa["train"])
-    ds = VLMDataset(records, model.tokenizer, model.encoder.transform, model.num_image_tokens,
+    ds = VLMDataset(records, model.tokenizer, model.image_transform, model.num_image_tokens,
                     image_root=tiny_vqa["root"])
     by_id = {ds[i]["id"]: ds[i] for i in range(len(ds))}
     return model, [by_id[k] for k in ("q0", "two-images", "text-only", "q1", "q2")]

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import tiny_recipe
 from seechat.cli import main
-from seechat.plots import plot_curves, read_metrics
+from seechat.training.plots import plot_curves, read_metrics
 
 
 def test_curves_from_metrics_with_resume_duplicates_and_a_torn_line(tmp_path):
@@ -33,7 +33,7 @@ def test_curves_from_metrics_with_resume_duplicates_and_a_torn_line(tmp_path):
 
 
 def test_training_run_writes_curves_and_eval_writes_files(experts, tiny_vqa, tmp_path, capsys):
-    from seechat.train import run
+    from seechat.training.loop import run
 
     out = tmp_path / "run"
     summary = run(tiny_recipe(experts, tiny_vqa, str(out), "train.max_steps=4"))

@@ -13,7 +13,7 @@ import torch
 
 from conftest import image_batch, tiny_recipe
 from seechat.config import REPO_ROOT, load_recipe
-from seechat.train import model_for
+from seechat.training.loop import model_for
 
 RECIPES = REPO_ROOT / "recipes"
 TINY_QFORMER = ["adapter.num_layers=2", "adapter.hidden_size=32", "adapter.num_heads=2",

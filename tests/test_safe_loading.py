@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVi
 
 from conftest import tiny_recipe
 from seechat.config import REPO_ROOT
-from seechat.train import model_for
+from seechat.training.loop import model_for
 
 LOADERS = {"tokenizer": AutoTokenizer, "llm": AutoModelForCausalLM, "encoder config": AutoConfig,
            "encoder": CLIPVisionModel}

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 import seechat
-from seechat.serve import create_app
+from seechat.inference.serve import create_app
 from vlm_helpers import saved_model, shape_image
 
 PROMPT = "What color is the shape?"
@@ -110,12 +110,12 @@ def test_multi_turn_and_models(served):
     image = shape_image((30, 30, 200))
     first = model.chat(PROMPT, images=[image], max_new_tokens=6)
     messages = [user(PROMPT, data_url(image)), {"role": "assistant", "content": first}, user("Is it red?")]
-    from seechat.conversation import answer
+    from seechat.models.prompting import reply as answer_turn
 
     turns = [{"from": "human", "value": f"<image>\n{PROMPT}"}, {"from": "gpt", "value": first},
              {"from": "human", "value": "Is it red?"}]
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
-    assert reply.choices[0].message.content == answer(model, turns, [image], 6)
+    assert reply.choices[0].message.content == answer_turn(model, turns, [image], 6).text
 
 
 def test_bad_requests_are_4xx_json_and_server_keeps_serving(served):

@@ -13,8 +13,8 @@ from conftest import tiny_recipe
 from seechat import load
 from seechat.config import RecipeError, load_recipe
 from seechat.data import SampleError
-from seechat.evaluate import evaluate_file, normalize_answer
-from seechat.train import run
+from seechat.inference.evaluate import evaluate_file, normalize_answer
+from seechat.training.loop import run
 
 
 def losses(out) -> list[float]:
@@ -166,14 +166,14 @@ def test_recipe_inherit_override_and_unknown_keys(tmp_path):
     with pytest.raises(RecipeError, match="valid cards: .*mlp2x_gelu.*qformer"):
         load_recipe(tmp_path / "child.yaml", ["adapter=perceiver"])
     with pytest.raises(ValueError, match="valid modes for llm"):
-        from seechat.modes import resolve_modes
+        from seechat.models.kinds import stage_modes
 
-        resolve_modes("finetune", {"llm": {"mode": "lora8"}})
+        stage_modes("finetune", {"llm": {"mode": "lora8"}})
 
 
 def test_image_boundary_tokens_wrap_every_image(experts, tiny_vqa):
     from seechat.data import encode_prompt, read_llava_records, tokenize_conversation
-    from seechat.llm import load_tokenizer
+    from seechat.models.llm import load_tokenizer
 
     plain = load_tokenizer({"name_or_path": experts["llama"]})
     wrapped = load_tokenizer({"name_or_path": experts["llama"], "image_boundary_tokens": True})
@@ -198,7 +198,7 @@ def test_chat_answers_from_a_saved_model(experts, tiny_vqa, tmp_path):
     model = load(summary["final"])
     image = Path(tiny_vqa["root"]) / "images" / "0.png"
     answer = model.chat("What color is the shape?", str(image), max_new_tokens=4)
-    pixels = model.encoder.transform(__import__("PIL.Image").Image.open(image).convert("RGB"))[None]
+    pixels = model.image_transform(__import__("PIL.Image").Image.open(image).convert("RGB"))[None]
     from seechat.data import encode_prompt
 
     ids = encode_prompt([{"from": "human", "value": "<image>\nWhat color is the shape?"}], model.tokenizer,

@@ -34,7 +34,7 @@ class VLMCollator:
         if pad_token_id is None:
             raise ValueError(
                 "pad_token_id is None: the tokenizer has no pad token. Add one "
-                "(seechat.llm.load_tokenizer does) or pass e.g. tokenizer.eos_token_id."
+                "(seechat.models.llm.load_tokenizer does) or pass e.g. tokenizer.eos_token_id."
             )
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")

@@ -45,7 +45,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = "<ima
     if image_id is None or image_id == tokenizer.unk_token_id or probe.count(image_id) != 1:
         raise ValueError(
             f"{image_token!r} is not a single token of this tokenizer; add it with "
-            f"tokenizer.add_tokens([{image_token!r}], special_tokens=True) (seechat.llm.load_tokenizer "
+            f"tokenizer.add_tokens([{image_token!r}], special_tokens=True) (seechat.models.llm.load_tokenizer "
             "does) and resize the LM's embeddings"
         )
     return image_id
@@ -78,7 +78,7 @@ IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"
 
 
 def boundary_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int] | None:
-    """Ids of the image boundary tokens when the tokenizer has them. `seechat.llm` adds them
+    """Ids of the image boundary tokens when the tokenizer has them. `seechat.models.llm` adds them
     only when the recipe sets `llm.image_boundary_tokens`, and a saved model's tokenizer keeps
     them, so the tokenizer is the one record of whether images are wrapped."""
     vocab = tokenizer.get_added_vocab()  # small, unlike get_vocab(): this runs per sample

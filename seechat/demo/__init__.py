@@ -1,2 +1,0 @@
-"""The embedded default demo: easy-VQA data, tiny experts trained on its training split, and the
-align -> finetune -> test pipeline (`python -m seechat.demo`)."""

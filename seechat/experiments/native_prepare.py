@@ -1,0 +1,90 @@
+"""What the native path needs before its recipe runs, from easy-VQA's training split only:
+
+1. a VQ image tokenizer trained on the training images (`<out>/vq`), with its reconstruction
+   error and codebook usage on held-out test images (`<out>/vq/metrics.json`);
+2. the training conversations plus text -> image samples (`<out>/train_native.json`): for each
+   training image whose color and shape the training answers determine (seechat.experiments.easyvqa.experts),
+   "draw a <color> <shape>" answered by the image itself, so the model learns to draw.
+
+    python -m seechat.experiments.native_prepare --data data/generated/easyvqa --out runs/native
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from seechat.experiments.easyvqa.experts import _qa_pairs, image_attributes
+from seechat.precision import autocast_dtype
+from seechat.models.native.vq import load_pixels, train_vq, vq_metrics
+
+DRAW_PROMPT = "draw a {color} {shape}"
+
+
+def caption_samples(samples: Sequence[dict]) -> list[dict]:
+    """Text -> image samples for every image of `samples` (LLaVA format, one image each) whose
+    color and shape its answers determine; the image sits in the assistant turn."""
+    attributes = image_attributes(_qa_pairs(list(samples)))
+    out = []
+    for image in sorted(attributes):
+        known = attributes[image]
+        if "color" in known and "shape" in known:
+            out.append({"id": f"draw-{image}", "image": image, "conversations": [
+                {"from": "human", "value": DRAW_PROMPT.format(**known)},
+                {"from": "gpt", "value": "<image>"}]})
+    return out
+
+
+def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 12, vq_config: dict | None = None,
+                   heldout_images: int = 500, mixed_precision: str = "auto", seed: int = 0,
+                   vq_max_seconds: float | None = None) -> dict[str, Any]:
+    """Train the VQ tokenizer and write the native training file; returns paths and metrics.
+    Reuses `<out>/vq` when its metrics file says it was made with the same settings."""
+    data, out = Path(data_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"vq_epochs": vq_epochs, "vq_config": vq_config or {}, "seed": seed,
+                "vq_max_seconds": vq_max_seconds, "data": str(data)}
+    metrics_path = out / "vq" / "metrics.json"
+    vq_seconds = 0.0
+    if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("settings") == settings:
+        metrics = json.loads(metrics_path.read_text())
+    else:
+        samples = json.loads((data / "train_multiturn.json").read_text())
+        images = sorted({s["image"] for s in samples})
+        size = (vq_config or {}).get("image_size", 64)
+        config = {k: v for k, v in (vq_config or {}).items() if k != "image_size"}
+        start = time.time()
+        vq = train_vq(load_pixels([data / p for p in images], size), epochs=vq_epochs, seed=seed,
+                      dtype=autocast_dtype(mixed_precision), max_seconds=vq_max_seconds, **config)
+        vq_seconds = time.time() - start
+        test = sorted({r["image"] for r in json.loads((data / "test.json").read_text())})[:heldout_images]
+        metrics = {**vq_metrics(vq, load_pixels([data / p for p in test], size)),
+                   "train_images": len(images), "train_seconds": vq_seconds, "heldout": "test images",
+                   "settings": settings}
+        vq.save_pretrained(out / "vq")
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")  # written last: marks the VQ complete
+    train = json.loads((data / "train_balanced.json").read_text())
+    draws = caption_samples(json.loads((data / "train_multiturn.json").read_text()))
+    (out / "train_native.json").write_text(json.dumps(train + draws))
+    return {"vq": str(out / "vq"), "train": str(out / "train_native.json"), "vq_metrics": metrics,
+            "draw_samples": len(draws), "vq_seconds": vq_seconds}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m seechat.experiments.native_prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/generated/easyvqa")
+    parser.add_argument("--out", default="runs/native")
+    parser.add_argument("--vq-epochs", type=int, default=12)
+    args = parser.parse_args(argv)
+    result = prepare_native(args.data, args.out, vq_epochs=args.vq_epochs)
+    print(json.dumps({k: v for k, v in result.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

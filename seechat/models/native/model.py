@@ -1,0 +1,217 @@
+"""The early-fusion model (Chameleon-style): one decoder-only LM over text ids and image codes.
+
+An image enters as `<im_start> c_1 ... c_n <im_end>`, where c_i are its VQ codes shifted past the
+text vocabulary (`vocab.CodeVocab`). The data path is the stitched one unchanged: the tokenizer
+has the boundary tokens, so every `<image>` becomes `<im_start>`, `n` placeholders, `<im_end>`,
+and this model swaps the placeholders for the image's code ids (`spliced_ids`) before the LM
+sees them. Images in assistant turns (text -> image samples, "draw a red circle") are
+supervised: their codes and boundary tokens are the targets. Everything else - the loop,
+evaluation, `chat` - is `SeeChatVLM`'s; generation is restricted to text ids when answering
+and to code ids when drawing.
+
+Chameleon's stabilisers are recipe switches under `model.native`: `qk_norm` (the Qwen3 LM
+normalises queries and keys per head; `false` replaces those norms by identities), `z_loss`
+(added to the chunked loss, seechat/models/loss.py), `attention_dropout` and `hidden_dropout` (dropout
+on the output of every attention and feed-forward block, before the residual add).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from seechat.data import VLMCollator, encode_prompt
+from seechat.data.tokenization import IGNORE_INDEX, boundary_ids
+from seechat.models.llm import load_llm, load_tokenizer
+from seechat.models.base import SeeChatVLM
+from seechat.models.modes import apply_modes
+from seechat.models.native.vocab import CodeVocab
+from seechat.models.native.vq import VQTokenizer, to_pil
+
+class NativeVLM(SeeChatVLM):
+    kind = "native"
+    # The VQ tokenizer is trained beforehand (`train_vq`) and never trains with the LM.
+    parts = {"vq": ("frozen",), "llm": ("full", "frozen")}
+
+    def __init__(self, config: dict, vq: VQTokenizer, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(config, llm, tokenizer)
+        self.vq = vq
+        bounds = boundary_ids(tokenizer)
+        if bounds is None:
+            raise ValueError("the native tokenizer needs image boundary tokens (load it with image_boundary_tokens)")
+        self.boi_id, self.eoi_id = bounds
+        self.vocab = CodeVocab(offset=len(tokenizer), size=vq.codebook_size)
+        rows = llm.get_input_embeddings().weight.shape[0]
+        if rows != self.vocab.vocab_size:
+            raise ValueError(f"native LM has {rows} vocabulary rows; text ({len(tokenizer)}) + codebook "
+                             f"({vq.codebook_size}) needs {self.vocab.vocab_size}")
+        self.z_loss = float(config["native"].get("z_loss") or 0.0)
+        text = ~self.vocab.code_mask()
+        text[[self.image_token_id, self.boi_id, self.eoi_id]] = False
+        self.register_buffer("text_ids", text, persistent=False)
+        self.register_buffer("code_ids", self.vocab.code_mask(), persistent=False)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders per image at tokenisation: one per code (the boundary tokens come on top)."""
+        return self.vq.num_codes
+
+    @property
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        return self.vq.transform
+
+    @property
+    def positions_per_image(self) -> int:
+        return self.vq.num_codes + 2
+
+    def _save_parts(self, tmp: Path, standalone: bool) -> dict[str, Any]:
+        """Self-contained: the VQ tokenizer is small and the LM trained in full (or from scratch)."""
+        self.vq.save_pretrained(tmp / "vq")
+        self.base_llm.save_pretrained(tmp / "llm")
+        return {"vq": "vq", "llm": "llm"}
+
+    # ------------------------------------------------------------------ images as ids
+    def spliced_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                    num_images: torch.Tensor | None = None, sample_ids: Sequence[str] | None = None) -> torch.Tensor:
+        """`input_ids` with each image's placeholder run replaced by the image's code ids."""
+        is_image = input_ids == self.image_token_id
+        n, per_sample = self.num_image_tokens, is_image.sum(dim=1)
+        given = 0 if pixel_values is None else pixel_values.shape[0]
+        counts = per_sample // n if num_images is None else torch.as_tensor(num_images, device=input_ids.device)
+        bad = ((per_sample != counts * n).nonzero().flatten().tolist() or
+               ([0] if int(counts.sum()) != given else []))
+        if bad:
+            i = bad[0]
+            name = sample_ids[i] if sample_ids is not None else f"batch index {i}"
+            raise ValueError(f"sample {name}: {int(per_sample[i])} image placeholder ids for {int(counts[i])} "
+                             f"image(s) x {n} codes (batch: {given} images given); tokenise with the "
+                             "native model's num_image_tokens")
+        if given == 0:
+            return input_ids
+        codes = self.vocab.to_ids(self.vq.encode(pixel_values)).to(input_ids.device)
+        return input_ids.masked_scatter(is_image, codes.reshape(-1))
+
+    def embed(self, input_ids, pixel_values=None, num_images=None, sample_ids=None, image_features=None):
+        if image_features is not None:
+            raise ValueError("the native model reads pixels (VQ codes), not cached encoder features")
+        return self.llm.get_input_embeddings()(self.spliced_ids(input_ids, pixel_values, num_images, sample_ids))
+
+    def image_labels(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`labels` with every image of an assistant turn supervised (boundary tokens and codes).
+
+        The tokenizer leaves all image positions at -100; an image belongs to an assistant turn
+        exactly when the token after its `<im_end>` is supervised (the rest of the reply, or the
+        end-of-turn token, which is always a target)."""
+        span = self.positions_per_image
+        labels = labels.clone()
+        for row, start in (ids == self.boi_id).nonzero().tolist():
+            after = start + span
+            if after < ids.shape[1] and labels[row, after] != IGNORE_INDEX:
+                labels[row, start:after] = ids[row, start:after]
+        return labels
+
+    def supervised_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Placeholders sit where the codes go, between the same boundary tokens.
+        return self.image_labels(input_ids, labels)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, num_images=None, labels=None,
+                sample_ids=None, image_features=None, position_ids=None) -> CausalLMOutputWithPast:
+        """As `SeeChatVLM.forward`; the loss adds `model.native.z_loss` x mean(logsumexp^2)."""
+        if image_features is not None:
+            raise ValueError("the native model reads pixels (VQ codes), not cached encoder features")
+        ids = self.spliced_ids(input_ids, pixel_values, num_images, sample_ids)
+        if labels is None:
+            return self.llm(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return self._lm_loss(self.image_labels(ids, labels), self.z_loss, input_ids=ids,
+                             attention_mask=attention_mask, position_ids=position_ids)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args: Any, allowed_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """`SeeChatVLM.generate`, emitting text ids only unless `allowed_ids` says otherwise."""
+        return super().generate(*args, allowed_ids=self.text_ids if allowed_ids is None else allowed_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str], temperature: float = 1.0, top_k: int = 0,
+                        generator: torch.Generator | None = None) -> list[Image.Image]:
+        """One image per prompt ("draw a red circle"): the prompt as a user turn, the
+        generation prompt and `<im_start>`, then `num_codes` sampled code ids, decoded by the VQ."""
+        self.eval()
+        rows = [{"id": str(i), "input_ids": torch.tensor(
+            encode_prompt([{"from": "human", "value": p}], self.tokenizer, self.num_image_tokens) + [self.boi_id])}
+            for i, p in enumerate(prompts)]
+        batch = VLMCollator(self.tokenizer.pad_token_id, padding_side="left")(rows)
+        out = self.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                            max_new_tokens=self.vq.num_codes, do_sample=temperature > 0,
+                            temperature=temperature, top_k=top_k, eos_token_id=-1,  # no end: exactly n codes
+                            generator=generator, allowed_ids=self.code_ids)
+        return to_pil(self.vq.decode(self.vocab.to_codes(out)))
+
+
+# ---------------------------------------------------------------------- building
+def configure_llm(llm: PreTrainedModel, native: dict) -> None:
+    """Apply the recipe's QK-norm and hidden-dropout switches to a (Qwen3-style) LM in place."""
+    layers = llm.get_decoder().layers
+    attn = [layer.self_attn for layer in layers]
+    has_qk_norm = all(hasattr(a, "q_norm") and hasattr(a, "k_norm") for a in attn)
+    if native.get("qk_norm", True) and not has_qk_norm:
+        raise ValueError(f"model.native.qk_norm=true but {type(llm).__name__} has no per-head q_norm/k_norm; "
+                         "use a Qwen3-style LM (llm.config.model_type: qwen3) or set qk_norm: false")
+    if not native.get("qk_norm", True) and has_qk_norm:
+        for a in attn:
+            a.q_norm, a.k_norm = nn.Identity(), nn.Identity()
+    attention_p = float(native.get("attention_dropout") or 0.0)
+    llm.config.attention_dropout = attention_p  # saved with the LM
+    for a in attn:  # modules copy the config value when built: set it where it is read
+        a.attention_dropout = attention_p
+    p = float(native.get("hidden_dropout") or 0.0)
+    if p > 0:
+        def drop(module: nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):  # attention returns (output, weights)
+                return (F.dropout(output[0], p, module.training), *output[1:])
+            return F.dropout(output, p, module.training)
+
+        for layer in layers:
+            layer.self_attn.register_forward_hook(drop)
+            layer.mlp.register_forward_hook(drop)
+
+
+def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
+    """Tokenizer (with boundary tokens), LM sized text + codebook, stabilisers applied; no modes."""
+    cfg = copy.deepcopy(model_cfg)
+    native = cfg["native"]
+    llm_cfg = {**cfg["llm"], "image_boundary_tokens": True}
+    cfg["llm"]["image_boundary_tokens"] = True
+    tokenizer = load_tokenizer(llm_cfg)
+    vocab = CodeVocab(len(tokenizer), vq.codebook_size)
+    if not llm_cfg.get("name_or_path"):
+        if not llm_cfg.get("config"):
+            raise ValueError("the native LM needs llm.config (e.g. {model_type: qwen3, hidden_size: 192, ...}) "
+                             "or llm.name_or_path")
+        llm_cfg["config"] = {**llm_cfg["config"], "vocab_size": vocab.vocab_size}
+    llm = load_llm(llm_cfg, tokenizer)
+    if llm.get_input_embeddings().weight.shape[0] != vocab.vocab_size:  # a text LM: add code rows
+        # Codes follow the tokenizer's last id. Rows a checkpoint pads its vocabulary with
+        # (Qwen2.5: 151,665 ids in 151,936 rows) were never trained as anything: drop them, so
+        # every code row starts from the same initialisation.
+        llm.resize_token_embeddings(len(tokenizer))
+        llm.resize_token_embeddings(vocab.vocab_size, mean_resizing=True)
+    configure_llm(llm, native)
+    return NativeVLM(cfg, vq, llm, tokenizer)
+
+
+def build_native(model_cfg: dict[str, Any], modes: dict[str, str]) -> NativeVLM:
+    """A ready-to-train native model from a recipe's `model` section."""
+    if not model_cfg["native"].get("vq"):
+        raise ValueError("model.native.vq must name a saved VQ tokenizer directory "
+                         "(seechat.models.native.vq.VQTokenizer.save_pretrained; `python -m seechat.experiments.native_prepare` makes one)")
+    model = assemble_native(model_cfg, VQTokenizer.from_pretrained(model_cfg["native"]["vq"]))
+    apply_modes(model, modes)
+    return model

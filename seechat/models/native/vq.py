@@ -1,0 +1,224 @@
+"""The native path's image tokenizer: a small VQ-VAE (conv encoder -> FSQ -> conv decoder).
+
+Chameleon turns a 512x512 image into 1,024 discrete codes of an 8,192-entry codebook; at our
+scale a 64x64 image becomes an 8x8 grid of codes (three stride-2 convolutions) of a
+prod(levels)-entry codebook. The quantiser is finite scalar quantisation (FSQ, Mentzer et al.
+2023) from `vector-quantize-pytorch`: each latent channel is rounded to a few levels, so there
+is no codebook to collapse and no commitment loss; training is plain reconstruction MSE.
+
+    vq = train_vq(images)                     # [N, 3, H, W] in [-1, 1]
+    codes = vq.encode(pixels)                 # [B, H/8 * W/8] ints in [0, codebook_size)
+    pixels = vq.decode(codes)                 # [B, 3, H, W]
+    vq.save_pretrained(dir); VQTokenizer.from_pretrained(dir)   # vq.json + vq.safetensors
+
+Pixels are normalised to [-1, 1] (`transform` does it for PIL images, `to_pil` undoes it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from vector_quantize_pytorch import FSQ
+
+from seechat.models.encoders.base import clip_style_transform
+from seechat.precision import cpu_autocast
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE = "vq.json", "vq.safetensors"
+HALF = (0.5, 0.5, 0.5)  # mean and std that map [0, 1] pixels to [-1, 1]
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _widths(channels: int, downsample: int) -> list[int]:
+    """Channel width after each stride-2 stage: `channels` at half resolution, twice that below."""
+    return [channels] + [channels * 2] * (downsample - 1)
+
+
+class VQTokenizer(nn.Module):
+    """Conv encoder -> FSQ -> conv decoder. `downsample` stride-2 stages: an `image_size`
+    image becomes a (image_size / 2**downsample)^2 grid of codes. No convolution runs at full
+    resolution with more than 3 channels (the first conv strides, the last one upsamples to
+    RGB directly): those layers would cost most of the compute for no gain on flat shapes."""
+
+    def __init__(self, image_size: int = 64, channels: int = 32, downsample: int = 3,
+                 levels: Sequence[int] = (8, 5, 5, 5)):
+        super().__init__()
+        if downsample < 1 or image_size % 2**downsample:
+            raise ValueError(f"image_size={image_size} must be divisible by 2**downsample (downsample={downsample} >= 1)")
+        self.config = {"image_size": image_size, "channels": channels, "downsample": downsample,
+                       "levels": list(levels)}
+        widths = _widths(channels, downsample)
+        enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
+        for i in range(1, downsample):
+            enc += [nn.SiLU(), nn.Conv2d(widths[i - 1], widths[i], 4, stride=2, padding=1)]
+        enc += [_ResBlock(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], len(levels), 1)]
+        self.enc = nn.Sequential(*enc)
+        self.quantizer = FSQ(levels=list(levels))
+        dec: list[nn.Module] = [nn.Conv2d(len(levels), widths[-1], 3, padding=1), _ResBlock(widths[-1])]
+        for i in reversed(range(1, downsample)):
+            dec += [nn.SiLU(), nn.ConvTranspose2d(widths[i], widths[i - 1], 4, stride=2, padding=1)]
+        dec += [nn.SiLU(), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
+        self.dec = nn.Sequential(*dec)
+
+    # ------------------------------------------------------------------ what the rest needs
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // 2 ** self.config["downsample"]
+        return side, side
+
+    @property
+    def num_codes(self) -> int:
+        """Codes per image (the native LM's image tokens, boundary tokens not counted)."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.config["levels"])
+
+    @property
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """PIL image -> [3, S, S] in [-1, 1] (picklable, for DataLoader workers)."""
+        return clip_style_transform(self.image_size, HALF, HALF)
+
+    # ------------------------------------------------------------------ encode / decode
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction [B, 3, H, W] and codes [B, h, w] (straight-through for training)."""
+        quantized, codes = self.quantizer(self.enc(pixels).float())
+        return self.dec(quantized), codes
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [-1, 1] -> codes [B, num_codes] (row-major over the grid), int64."""
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"VQ tokenizer expects [B, 3, {self.image_size}, {self.image_size}] pixels, "
+                             f"got {tuple(pixels.shape)}")
+        with torch.autocast(pixels.device.type, enabled=False):
+            _, codes = self.quantizer(self.enc(pixels.float()))
+        return codes.reshape(pixels.shape[0], -1).long()
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, num_codes] -> pixels [B, 3, S, S] in [-1, 1] (clamped)."""
+        if codes.ndim != 2 or codes.shape[1] != self.num_codes:
+            raise ValueError(f"VQ tokenizer decodes [B, {self.num_codes}] codes, got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
+        h, w = self.grid
+        with torch.autocast(codes.device.type, enabled=False):
+            latent = self.quantizer.indices_to_codes(codes.reshape(-1, h, w).int())
+            return self.dec(latent).clamp(-1, 1)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> None:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, out / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "VQTokenizer":
+        root = Path(directory)
+        if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{root} is not a saved VQ tokenizer: needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        model = cls(**json.loads((root / CONFIG_FILE).read_text()))
+        model.load_state_dict(load_file(root / WEIGHTS_FILE))
+        return model.eval()
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> RGB PIL images."""
+    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def load_pixels(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
+    """Images at `paths` as one [N, 3, S, S] tensor in [-1, 1]."""
+    transform = clip_style_transform(image_size, HALF, HALF)
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+
+def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+             dtype: torch.dtype | None = None, max_seconds: float | None = None, **config: Any) -> VQTokenizer:
+    """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
+    horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`."""
+    torch.manual_seed(seed)
+    model = VQTokenizer(image_size=images.shape[-1], **config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(images) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    start, step = time.time(), 0
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for i in range(0, len(images), batch_size):
+            batch = images[order[i : i + batch_size]]
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+            with cpu_autocast(dtype):
+                recon, _ = model(batch)
+            loss = F.mse_loss(recon.float(), batch)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            if max_seconds and time.time() - start > max_seconds:
+                break
+        logger.info("vq epoch %d: mse %.4f (%.0fs)", epoch + 1, loss.item(), time.time() - start)
+        if max_seconds and time.time() - start > max_seconds:
+            logger.info("vq: stopped at the %.0fs budget after %d/%d steps", max_seconds, step, steps)
+            break
+    return model.eval()
+
+
+@torch.no_grad()
+def vq_metrics(model: VQTokenizer, images: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+    """Reconstruction error and codebook usage on `images` ([N, 3, S, S] in [-1, 1]):
+    MSE and PSNR on [0, 1] pixels, the same for the mean-image baseline, the fraction of codes
+    used and the perplexity of code usage (exp of its entropy; codebook_size at most)."""
+    model.eval()
+    sq_err, counts = 0.0, torch.zeros(model.codebook_size)
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        codes = model.encode(batch)
+        sq_err += F.mse_loss(model.decode(codes), batch, reduction="sum").item()
+        counts += torch.bincount(codes.flatten(), minlength=model.codebook_size).float()
+    mse = sq_err / images.numel() / 4  # [-1, 1] -> [0, 1]: errors halve, squares quarter
+    baseline = F.mse_loss(images.mean(0, keepdim=True).expand_as(images), images).item() / 4
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {
+        "mse": mse,
+        "psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+        "mean_image_mse": baseline,
+        "mean_image_psnr": 10 * math.log10(1 / max(baseline, 1e-12)),
+        "codebook_size": model.codebook_size,
+        "codes_per_image": model.num_codes,
+        "codebook_usage": float((counts > 0).float().mean()),
+        "perplexity": math.exp(entropy),
+        "images": len(images),
+    }

@@ -1,0 +1,148 @@
+"""Text in, text out: prompts and images turned into model inputs, answers decoded and streamed.
+
+`reply` is the one answer path: `SeeChatVLM.chat`, `Conversation.ask` (the `seechat chat`
+REPL) and `seechat serve` all answer through it; `prepare`/`decode` are its batched form
+(`seechat eval`). A user turn with images is written as one `<image>\\n` per image followed by
+the text - the same text the exported llava-hf chat template renders (seechat/tools/export.py),
+so both give the same prompt. The model is duck-typed here (`seechat.models.base` imports this
+module): anything with `tokenizer`, `num_image_tokens`, `image_transform`, `device`, `generate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from seechat.data import encode_prompt, load_image
+from seechat.models.llm import IMAGE_TOKEN
+
+ImageLike = Any  # a path, a PIL image, or raw-bytes dict as `seechat.data.load_image` takes
+
+
+def user_text(prompt: str, n_images: int) -> str:
+    """A user turn's text: its images' placeholders first, then the prompt."""
+    return f"{IMAGE_TOKEN}\n" * n_images + prompt
+
+
+class TextDeltas:
+    """Incremental detokenisation for streaming: `push(token)` returns the text that became
+    certain, `finish()` the rest. The pieces joined equal `decode(tokens).strip()`: leading
+    whitespace is never sent, trailing whitespace and incomplete UTF-8 are held back."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.sent):  # a tokenizer that rewrites earlier text: wait
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        return "" if text.endswith("\ufffd") else self._emit(text)
+
+    def finish(self) -> str:
+        return self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip())
+
+
+def conversation_inputs(
+    model: Any, turns: Sequence[dict[str, str]], images: Sequence[ImageLike]
+) -> tuple[list[int], torch.Tensor | None]:
+    """Prompt ids (placeholders expanded) and stacked pixels for a canonical conversation
+    (`{"from", "value"}` turns) whose `<image>` markers refer to `images` in order."""
+    ids = encode_prompt(list(turns), model.tokenizer, model.num_image_tokens)
+    n_markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if n_markers != len(images):
+        raise ValueError(f"the conversation has {n_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)")
+    pixels = [model.image_transform(load_image(image)) for image in images]
+    return ids, (torch.stack(pixels) if pixels else None)
+
+
+def prepare(
+    model: Any, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]] | None = None
+) -> dict[str, torch.Tensor | None]:
+    """A left-padded batch for `model.generate(**batch)`: one single-turn prompt per row, with
+    `images[i]` (a list, possibly empty) for row i."""
+    images = images if images is not None else [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
+    rows, pixels, counts = [], [], []
+    for prompt, row_images in zip(prompts, images):
+        if isinstance(row_images, (str, bytes)) or not isinstance(row_images, Sequence):
+            raise ValueError(f"images for prompt {prompt!r} must be a list of images, got {type(row_images).__name__}")
+        ids, px = conversation_inputs(model, [{"from": "human", "value": user_text(prompt, len(row_images))}], row_images)
+        rows.append(ids)
+        counts.append(len(row_images))
+        if px is not None:
+            pixels.append(px)
+    width = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    device = model.device
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "pixel_values": torch.cat(pixels).to(device) if pixels else None,
+        "num_images": torch.tensor(counts, device=device),
+    }
+
+
+def decode(model: Any, tokens: torch.Tensor) -> list[str]:
+    """Answers from `generate`'s new tokens, special tokens and surrounding space removed."""
+    return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
+
+
+@dataclass
+class Reply:
+    """A generated assistant turn: its text, token counts, and whether it ended on its own
+    (end token) rather than at `max_new_tokens`."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    stopped: bool
+
+
+def reply(
+    model: Any,
+    turns: Sequence[dict[str, str]],
+    images: Sequence[ImageLike] = (),
+    max_new_tokens: int = 64,
+    on_text: Callable[[str], None] | None = None,
+    **sampling: Any,
+) -> Reply:
+    """The next assistant turn of a conversation; `on_text` receives it piece by piece."""
+    ids, pixels = conversation_inputs(model, turns, images)
+    device = model.device
+    deltas = TextDeltas(model.tokenizer)
+    pad = model.tokenizer.pad_token_id
+
+    def on_token(token: torch.Tensor) -> None:
+        value = int(token[0])
+        if on_text is not None and value != pad:
+            piece = deltas.push(value)
+            if piece:
+                on_text(piece)
+
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        pixel_values=None if pixels is None else pixels.to(device),
+        num_images=torch.tensor([len(images)], device=device),
+        max_new_tokens=max_new_tokens,
+        on_token=on_token,
+        **sampling,
+    )
+    text = decode(model, out)[0]
+    if on_text is not None:
+        rest = deltas.finish()
+        if rest:
+            on_text(rest)
+    eos = model.tokenizer.eos_token_id
+    stopped = out.shape[1] < max_new_tokens or int(out[0, -1]) == eos
+    return Reply(text, len(ids), out.shape[1], stopped)
