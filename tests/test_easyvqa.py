@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from seechat.config import REPO_ROOT
-from seechat.experiments.easyvqa.experts import _qa_pairs, image_attributes
+from seechat.experiments.easyvqa.experts import qa_pairs, image_attributes
 
 spec = importlib.util.spec_from_file_location("prepare_easyvqa", REPO_ROOT / "data" / "prepare_easyvqa.py")
 prepare_easyvqa = importlib.util.module_from_spec(spec)
@@ -48,7 +48,7 @@ def test_multiturn_holds_every_training_question_once(easyvqa):
     train, multi = _load(easyvqa, "train.json"), _load(easyvqa, "train_multiturn.json")
     single = Counter((s["image"], s["conversations"][0]["value"].replace("<image>\n", ""),
                       s["conversations"][1]["value"]) for s in train)
-    grouped = Counter(_qa_pairs(multi))
+    grouped = Counter(qa_pairs(multi))
     assert grouped == single
     for s in multi:
         turns = s["conversations"]
@@ -75,7 +75,7 @@ def test_balanced_file_has_equal_yes_and_no_per_family_and_pass(easyvqa):
 
 
 def test_attributes_inferred_from_yes_no_agree_with_what_answers(easyvqa):
-    pairs = _qa_pairs(_load(easyvqa, "train_multiturn.json"))
+    pairs = qa_pairs(_load(easyvqa, "train_multiturn.json"))
     direct = {}
     for image, question, answer in pairs:
         if question.startswith("what color"):

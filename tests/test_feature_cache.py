@@ -14,7 +14,7 @@ from seechat.models.kinds import build_model
 from seechat.data.feature_cache import (
     FeatureCache,
     encoder_key,
-    image_key,
+    content_key,
     resolve_feature_cache,
     transform_is_deterministic,
 )
@@ -55,7 +55,7 @@ def test_cached_features_equal_encoder_output_and_bf16_round_trips(experts, tiny
     image = Image.open(f"{tiny_vqa['root']}/images/1.png").convert("RGB")
     with torch.no_grad():
         expected = model.encoder(model.encoder.transform(image)[None])[0]
-    assert torch.equal(cache.get(image_key("images/1.png", tiny_vqa["root"])), expected)
+    assert torch.equal(cache.get(content_key("images/1.png", tiny_vqa["root"])), expected)
     bf16 = FeatureCache(tmp_path, "bf16")
     values = torch.randn(2, 5, 3).to(torch.bfloat16)
     bf16.add(["a", "b"], values)
@@ -146,9 +146,9 @@ def test_known_files_are_not_read_again_until_they_change(experts, tiny_vqa, tmp
     model = build_model(model_config(experts), MODES)
     cache = FeatureCache(tmp_path / "cache", "k")
     cache.fill(["images/0.png"], model.encoder, root)
-    key = image_key("images/0.png", root)
+    key = content_key("images/0.png", root)
     hashed = []
-    monkeypatch.setattr(fc, "image_key", lambda image, image_root=None: hashed.append(image) or key)
+    monkeypatch.setattr(fc, "content_key", lambda image, image_root=None: hashed.append(image) or key)
     assert FeatureCache(tmp_path / "cache", "k").key_of("images/0.png", root) == key
     assert hashed == []  # found by path, size and mtime
     path = root / "images" / "0.png"
@@ -194,7 +194,7 @@ def test_a_copy_of_a_cached_image_is_hashed_once_and_a_broken_manifest_is_skippe
     cache = FeatureCache(tmp_path / "cache", "k")
     assert cache.fill(["images/0.png"], model.encoder, root) == 1
     assert cache.fill(["images/copy.png"], model.encoder, root) == 0  # content known: nothing computed
-    monkeypatch.setattr(fc, "image_key", lambda *a, **k: pytest.fail("hashed a file already recorded"))
+    monkeypatch.setattr(fc, "content_key", lambda *a, **k: pytest.fail("hashed a file already recorded"))
     assert FeatureCache(tmp_path / "cache", "k").key_of("images/copy.png", root) == cache.key_of("images/0.png", root)
     monkeypatch.undo()
     (tmp_path / "cache" / "k" / "shard-00007.json").write_text('{"shard": 7, "rows": [')  # cut off

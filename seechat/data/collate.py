@@ -14,7 +14,7 @@ import torch
 from seechat.data.tokenization import IGNORE_INDEX
 
 
-def image_key(items: Sequence[dict[str, Any]]) -> str:
+def image_field(items: Sequence[dict[str, Any]]) -> str:
     """Items from a feature cache carry encoder outputs ("image_features") instead of pixels
     ("pixel_values"); either is batched the same way."""
     return "image_features" if any(item.get("image_features") is not None for item in items) else "pixel_values"
@@ -78,7 +78,7 @@ class VLMCollator:
             batch["labels"] = None
 
         num_images = [int(item.get("num_images", 0)) for item in kept]
-        key = image_key(kept)
+        key = image_field(kept)
         images = [item[key] for item, n in zip(kept, num_images) if n > 0]
         for item, n in zip(kept, num_images):
             pixels = item.get(key)

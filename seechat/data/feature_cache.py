@@ -74,7 +74,7 @@ def encoder_key(encoder: torch.nn.Module, compute_dtype: torch.dtype | None) -> 
     return h.hexdigest()[:20]
 
 
-def image_key(image: Any, image_root: str | os.PathLike | None = None) -> str:
+def content_key(image: Any, image_root: str | os.PathLike | None = None) -> str:
     """SHA-256 of the image's content: file bytes for a path or HF bytes dict, pixels for PIL."""
     h = hashlib.sha256()
     path = _file_of(image, image_root)
@@ -149,11 +149,11 @@ class FeatureCache:
         self.rows  # noqa: B018 (loads the manifests, which hold the known files)
         path = _file_of(image, image_root)
         if path is None:
-            return image_key(image, image_root), None
+            return content_key(image, image_root), None
         stat = path.stat()
         file = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         known = self._files.get(_file_id(file))
-        return (known if known is not None else image_key(image, image_root)), file
+        return (known if known is not None else content_key(image, image_root)), file
 
     def get(self, key: str) -> torch.Tensor:
         """Stored features `[N_patches, D]` of the image with content key `key`."""

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from seechat.data.collate import VLMCollator, image_key
+from seechat.data.collate import VLMCollator, image_field
 from seechat.data.tokenization import IGNORE_INDEX
 
 
@@ -77,7 +77,7 @@ class PackingCollator:
             row = torch.as_tensor(item["labels"], dtype=torch.long).clone()
             row[0] = IGNORE_INDEX
             labels.append(row)
-        key = image_key(items)
+        key = image_field(items)
         images = [item[key] for item in items if item.get("num_images", 0)]
         joined = {
             "id": "+".join(str(item["id"]) for item in items),

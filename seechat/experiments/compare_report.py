@@ -41,7 +41,7 @@ def judge_drawings(native_dir: str, judge_dir: str, data: Path, out: Path, cfg: 
     of each drawing, and report how often it agrees with the prompt. For scale, the same judge on
     test images (originals and their VQ reconstructions) whose color and shape the test answers
     determine: the reconstructions bound what a perfect native generator could score."""
-    from seechat.experiments.easyvqa.experts import COLORS, SHAPES, _qa_pairs, image_attributes
+    from seechat.experiments.easyvqa.experts import COLORS, SHAPES, qa_pairs, image_attributes
     from seechat.experiments.native_prepare import DRAW_PROMPT
     from seechat.models.native.vq import load_pixels, to_pil
     from seechat.models.kinds import load
@@ -57,7 +57,7 @@ def judge_drawings(native_dir: str, judge_dir: str, data: Path, out: Path, cfg: 
     result = {"prompt": DRAW_PROMPT, "temperature": cfg["temperature"], "drawn": _agreement(judge, drawn, wanted, out, "drawn")}
 
     test = json.loads((data / "test.json").read_text())
-    known = {k: v for k, v in image_attributes(_qa_pairs(test)).items() if "color" in v and "shape" in v}
+    known = {k: v for k, v in image_attributes(qa_pairs(test)).items() if "color" in v and "shape" in v}
     paths = random.Random(seed).sample(sorted(known), min(cfg["reconstructions"], len(known)))
     if paths:
         truth = [known[p] for p in paths]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from seechat.experiments.easyvqa.experts import _qa_pairs, image_attributes
+from seechat.experiments.easyvqa.experts import qa_pairs, image_attributes
 from seechat.precision import autocast_dtype
 from seechat.models.native.vq import load_pixels, train_vq, vq_metrics
 
@@ -27,7 +27,7 @@ DRAW_PROMPT = "draw a {color} {shape}"
 def caption_samples(samples: Sequence[dict]) -> list[dict]:
     """Text -> image samples for every image of `samples` (LLaVA format, one image each) whose
     color and shape its answers determine; the image sits in the assistant turn."""
-    attributes = image_attributes(_qa_pairs(list(samples)))
+    attributes = image_attributes(qa_pairs(list(samples)))
     out = []
     for image in sorted(attributes):
         known = attributes[image]

@@ -48,8 +48,15 @@ def parts_of(model_cfg: dict[str, Any]) -> dict[str, tuple[str, ...]]:
 
 
 def stage_modes(stage: str, model_cfg: dict[str, Any]) -> dict[str, str]:
-    """What trains in `stage` for the model `model_cfg` describes (seechat/models/modes.py)."""
-    return resolve_modes(stage, model_cfg, parts_of(model_cfg))
+    """What trains in `stage` for the model `model_cfg` describes (seechat/models/modes.py).
+    A `mode` set for a part another kind has but this one lacks is an error, not ignored."""
+    parts = parts_of(model_cfg)
+    for part in sorted({p for kind in KINDS.values() for p in kind.model.parts} - set(parts)):
+        mode = (model_cfg.get(part) or {}).get("mode")
+        if mode:
+            raise ValueError(f"{part}.mode={mode!r}: a {model_cfg.get('kind') or DEFAULT_KIND} model has no "
+                             f"{part} part (its parts: {', '.join(parts)}); remove {part}.mode")
+    return resolve_modes(stage, model_cfg, parts)
 
 
 def build_model(model_cfg: dict[str, Any], modes: dict[str, str]) -> SeeChatVLM:

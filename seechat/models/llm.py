@@ -22,7 +22,7 @@ from transformers import (
 
 from seechat.data.tokenization import IMAGE_START, IMAGE_END
 from seechat.models.pretrained import from_pretrained
-from seechat.experiments.tiny import CHAT_TEMPLATES
+from seechat.data.chat_templates import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 

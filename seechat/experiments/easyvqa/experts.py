@@ -50,7 +50,7 @@ SHAPES = ("circle", "rectangle", "triangle")
 IMAGE_SIZE = 64
 
 
-def _qa_pairs(samples: list[dict]) -> list[tuple[str, str, str]]:
+def qa_pairs(samples: list[dict]) -> list[tuple[str, str, str]]:
     """(image, question, answer) for every turn pair of LLaVA-format samples."""
     out = []
     for s in samples:
@@ -275,7 +275,7 @@ def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int
     data, out = Path(data_dir), Path(out_dir)
     (out / MARKER).unlink(missing_ok=True)
     samples = json.loads((data / "train_multiturn.json").read_text())[:max_train_samples]
-    pairs = _qa_pairs(samples)
+    pairs = qa_pairs(samples)
     paths = {k: out / k for k in ("tokenizer", "vision", "llm")}
     tokenizer = build_tokenizer(pairs, paths["tokenizer"])
     attributes = image_attributes(pairs)
