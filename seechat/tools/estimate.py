@@ -196,15 +196,13 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     wbytes = {k: DTYPE_BYTES[v] for k, v in weight_name.items()}
     a = 4 if mp in ("no", None, False) else 2  # auto resolves to bf16 on a GPU / a bf16 CPU
 
-    out: dict[str, ModuleEstimate] = {}
     # --- encoder
     vcfg, vsource = _vision_config(mcfg["encoder"])
     vcfg = {k: v for k, v in vcfg.items() if k not in ("model_type", "transformers_version", "architectures")}
     tower = _meta_module(lambda: CLIPVisionModel(CLIPVisionConfig(**vcfg)))
     vc = tower.config
     grid = vc.image_size // vc.patch_size
-    keep_cls = bool(mcfg["encoder"].get("keep_cls"))
-    n_patches = grid * grid + (1 if keep_cls else 0)
+    n_patches = grid * grid + (1 if mcfg["encoder"].get("keep_cls") else 0)
     enc = _weights(tower, modes["encoder"], wbytes["encoder"], mcfg["encoder"].get("lora"))
     enc.source = vsource
 
@@ -233,28 +231,44 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     sup = supervised if supervised is not None else max(1, (tokens - image_tokens) // 2)
     shape = Shape(b, tokens, sup, 1)
 
-    # encoder activations: frozen -> no graph; the hidden-state tuple is the transient peak
-    rv = wbytes["encoder"]
-    n_tok_v = grid * grid + 1
-    hidden_tuple = (vc.num_hidden_layers + 1) * n_tok_v * vc.hidden_size * max(rv, a if a < rv else rv)
-    enc.transient = b * shape.images * hidden_tuple
-    if modes["encoder"] != "frozen":
-        per = _decoder_layer_bytes(vc.hidden_size, vc.intermediate_size, vc.hidden_size, rv, a,
-                                   modes["encoder"], mcfg["encoder"].get("lora"), mlp_mats=2, device=device)
-        enc.activations = b * shape.images * n_tok_v * per * vc.num_hidden_layers
-
+    _encoder_activations(enc, vc, mcfg["encoder"], modes["encoder"], wbytes["encoder"], a, shape, device)
     # adapter: its input, hidden and output per image token (when it trains)
     if modes["adapter"] == "full":
         enc_feat = b * shape.images * n_patches * vc.hidden_size * a
         adp.activations = enc_feat + b * shape.images * image_tokens * lm_config.hidden_size * 2 * a
+    kept_head_copy = _llm_activations(llm, lm, lcfg, modes, wbytes["llm"], a, shape, device)
 
-    # LLM
+    out = {"encoder": enc, "adapter": adp, "llm": llm}
+    return {"modules": out, "modes": modes, "image_tokens": image_tokens, "shape": shape,
+            "weight_dtype": weight_name, "compute_bytes": a,
+            **_peaks(out, int(tcfg.get("grad_accum") or 1), kept_head_copy, device,
+                     b * tokens * lm_config.hidden_size * min(a, 4 if modes["llm"] == "qlora" else wbytes["llm"]))}
+
+
+def _encoder_activations(enc: "ModuleEstimate", vc: Any, ecfg: dict, mode: str, rv: int, a: int, shape: "Shape",
+                         device: str) -> None:
+    """Frozen: no graph, the hidden-state tuple is the transient peak; trained: every layer's saved tensors."""
+    n_tok_v = (vc.image_size // vc.patch_size) ** 2 + 1
+    hidden_tuple = (vc.num_hidden_layers + 1) * n_tok_v * vc.hidden_size * max(rv, a if a < rv else rv)
+    enc.transient = shape.batch * shape.images * hidden_tuple
+    if mode != "frozen":
+        per = _decoder_layer_bytes(vc.hidden_size, vc.intermediate_size, vc.hidden_size, rv, a,
+                                   mode, ecfg.get("lora"), mlp_mats=2, device=device)
+        enc.activations = shape.batch * shape.images * n_tok_v * per * vc.num_hidden_layers
+
+
+def _llm_activations(llm: "ModuleEstimate", lm: nn.Module, lcfg: dict, modes: dict[str, str], wbytes: int, a: int,
+                     shape: "Shape", device: str) -> float:
+    """The LM's saved activations and its head's transient peak; returns the bytes of the frozen
+    head's compute-dtype copy that stays for the run."""
+    lm_config = lm.config
     h, i_ = lm_config.hidden_size, lm_config.intermediate_size
     heads = lm_config.num_attention_heads
     kv = (getattr(lm_config, "num_key_value_heads", None) or heads) * (h // heads)
-    r = 4 if modes["llm"] == "qlora" else wbytes["llm"]  # QLoRA keeps norms/embeddings in fp32
+    r = 4 if modes["llm"] == "qlora" else wbytes  # QLoRA keeps norms/embeddings in fp32
     lm_mode = modes["llm"]
-    n_tok = b * tokens
+    b, sup = shape.batch, shape.supervised
+    n_tok = b * shape.tokens
     if lm_mode == "frozen" and modes["adapter"] == "frozen" and modes["encoder"] == "frozen":
         llm.activations = 0.0
     elif lcfg.get("gradient_checkpointing"):
@@ -266,7 +280,7 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
         llm.activations = n_tok * per * lm_config.num_hidden_layers
     llm.activations += n_tok * r * h * 2  # embeddings out, final norm in
     # Under autocast the compute-dtype copy of each linear weight stays saved for backward.
-    if a < wbytes["llm"] and lm_mode != "qlora" and not lcfg.get("gradient_checkpointing"):
+    if a < wbytes and lm_mode != "qlora" and not lcfg.get("gradient_checkpointing"):
         linear = sum(m.weight.numel() for n, m in lm.named_modules()
                      if isinstance(m, nn.Linear) and m is not lm.get_output_embeddings())
         llm.activations += linear * a
@@ -278,29 +292,27 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     # the gathered supervised hidden rows and their gradient.
     vocab = lm.get_output_embeddings().weight.shape[0]
     rows = min(b * sup, DEFAULT_CHUNK)
-    head_w = r if lm_mode == "qlora" else wbytes["llm"]
+    head_w = r if lm_mode == "qlora" else wbytes
     head_copy = vocab * h * a if a < head_w else 0
     llm.transient = (rows * vocab * (2 * 4 + (a if a < 4 else 0)) + head_copy
                      + (vocab * h * 4 if lm_mode == "full" else 0) + b * sup * h * (r + r))
     # A frozen head's copy is made once and kept for the run (loss.reuse_frozen_head_casts), so
     # it is also there at the end of the backward.
-    kept_head_copy = head_copy if lm_mode != "full" else 0
+    return head_copy if lm_mode != "full" else 0
 
-    out = {"encoder": enc, "adapter": adp, "llm": llm}
+
+def _peaks(out: dict[str, "ModuleEstimate"], accum: int, kept_head_copy: float, device: str,
+           smallest_activation_tensor: float) -> dict[str, float]:
+    """The run's peak: persistent state plus the larger of the forward peak and the end of the backward."""
     persistent = sum(m.weights + m.optimizer for m in out.values())
     grads = sum(m.gradients for m in out.values())
     activations = sum(m.activations for m in out.values())
     # zero_grad(set_to_none) frees the gradients after each update, so the forward peak (all
     # activations plus the largest transient) sees them only while accumulating micro-batches.
-    accum = int(tcfg.get("grad_accum") or 1)
     forward_peak = activations + max(m.transient for m in out.values()) + (grads if accum > 1 else 0)
     backward_end = grads + kept_head_copy  # every gradient present, every activation freed
-    heap = 0.0
-    if device == "cpu":
-        heap = _cpu_heap_retention(activations, n_tok * h * min(a, r))
-    total = persistent + max(forward_peak, backward_end) + heap
-    return {"modules": out, "total": total, "modes": modes, "image_tokens": image_tokens,
-            "shape": shape, "weight_dtype": weight_name, "compute_bytes": a, "cpu_heap": heap,
+    heap = _cpu_heap_retention(activations, smallest_activation_tensor) if device == "cpu" else 0.0
+    return {"total": persistent + max(forward_peak, backward_end) + heap, "cpu_heap": heap,
             "forward_peak": forward_peak, "backward_end": backward_end, "persistent": persistent}
 
 
