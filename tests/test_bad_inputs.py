@@ -422,8 +422,8 @@ def test_adapter_width_that_does_not_match_the_encoder(experts, tiny_vqa, tmp_pa
 
 
 def test_readme_table_lists_every_case():
-    """The README's table is checked against this file: every case here has a row."""
-    readme = (REPO_ROOT / "README.md").read_text()
+    """The bad-inputs table (docs/reliability.md) is checked against this file: every case here has a row."""
+    readme = (REPO_ROOT / "docs" / "reliability.md").read_text()
     table = readme.split("### Bad inputs tried, how each ends", 1)[1].split("\n\n", 2)[1]
     names = [m.__name__.replace("_", " ") for m, _ in BAD_IMAGES] + list(BAD_RECORDS)
     names += ["grayscale", "RGBA", "palette", "CMYK", "16-bit", "1x1", "EXIF", "no <image>", "malformed JSON",
