@@ -77,7 +77,7 @@ def child(case: str) -> dict:
     from seechat.tools.estimate import estimate
     from seechat.models.loss import reuse_frozen_head_casts
     from seechat.models.kinds import stage_modes
-    from seechat.training.loop import make_optimizer
+    from seechat.training.optim import make_optimizer
 
     torch.set_num_threads(1)
     overrides, batch, seq, sup = CASES[case]

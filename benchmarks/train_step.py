@@ -64,7 +64,7 @@ def child(system: str, config: str, batch_size: int, steps: int, threads: int) -
     sys.path.insert(0, str(HERE))
     from llava_reference import bf16_peak_gflops, llava_from, seechat_model, synthetic_batch
 
-    from seechat.training.loop import make_optimizer
+    from seechat.training.optim import make_optimizer
 
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]

@@ -10,6 +10,7 @@ from typing import Sequence
 
 def _train(args: argparse.Namespace) -> int:
     from seechat.config import load_recipe
+    from seechat.inference.evaluate import evaluate_file
     from seechat.training.loop import run
 
     if args.config is None:  # the embedded default: easy-VQA with tiny local experts
@@ -21,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
     if args.stage and recipe["stage"] != args.stage:
         print(f"note: {args.config} is a {recipe['stage']!r} recipe, run with recipes/{args.stage}.py")
-    summary = run(recipe, resume=args.resume)
+    summary = run(recipe, resume=args.resume, evaluate=evaluate_file)  # evaluate: data.val
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, default=str))
     return 0
 

@@ -78,7 +78,6 @@ DEFAULTS: dict[str, Any] = {
         "test": None,
         "image_root": None,
         "hf_split": "train",
-        "streaming": False,
         "max_length": 2048,
         "truncation": "drop",  # an image would be cut: drop | raise
         "on_error": "raise",  # bad sample: raise | skip
@@ -108,12 +107,21 @@ DEFAULTS: dict[str, Any] = {
         "max_seconds": None,  # wall-clock budget of the loop: stop there and save final/
         "max_nonfinite_steps": 10,  # NaN/inf loss or gradient: step skipped; this many in a row stop the run
     },
+    # data.val during training (seechat/training/validation.py); `seechat eval` has its own flags
     "eval": {
-        "split": "val",
+        "every": 0,  # validate every this many optimizer steps; 0: only at the end of the stage
         "batch_size": 32,
         "max_new_tokens": 8,
-        "max_samples": None,
+        "max_samples": None,  # the first this many questions of data.val
     },
+}
+
+# Keys recipes could set once, with what to do instead (an error, not a silently ignored key).
+REMOVED = {
+    ("data", "streaming"): "training reads a map-style dataset (seeded shuffling, exact resume, the "
+                           "feature cache need one); remove data.streaming, or cut a large file with data.max_samples",
+    ("eval", "split"): "data.val is what training validates on, and `seechat eval --data FILE` names its file; "
+                       "remove eval.split",
 }
 
 # Mappings whose keys belong to someone else (a transformers/open_clip config).
@@ -236,6 +244,8 @@ def _validate(node: dict, schema: dict, where: tuple) -> None:
         path = where + (key,)
         if path == ("model", "adapter"):
             continue  # checked against the adapter's own signature
+        if path in REMOVED:
+            raise RecipeError(f"{'.'.join(path)} is no longer a recipe key: {REMOVED[path]}")
         if key not in schema:
             raise RecipeError(_unknown(".".join(path), key, list(schema), ".".join(where) or "the recipe"))
         if path in FREE_FORM or path[-1] == "lora":

@@ -34,7 +34,8 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(experts, tiny_vqa, tmp_path):
-    from seechat.training.loop import build_dataset, model_for
+    from seechat.data.from_recipe import build_dataset
+    from seechat.training.loop import model_for
 
     # The halves of a global batch hold different numbers of supervised tokens: each process
     # weights its loss by its share of the global count, so the gradient is still the mean over

@@ -206,3 +206,58 @@ def test_chat_answers_from_a_saved_model(experts, tiny_vqa, tmp_path):
     tokens = model.generate(torch.tensor([ids]), pixel_values=pixels, num_images=torch.tensor([1]), max_new_tokens=4)
     assert answer == model.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
     assert isinstance(model.chat("Name a color.", max_new_tokens=3), str)
+
+def test_data_val_is_validated_on_the_way_and_changes_no_training_number(experts, tiny_vqa, tmp_path, capsys):
+    from seechat.training.plots import read_metrics
+
+    common = ["stage=finetune", "llm.mode=lora", "train.max_steps=5"]  # LoRA dropout draws from the RNG
+    plain = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "plain"), *common))
+    out = tmp_path / "val"
+    summary = run(tiny_recipe(experts, tiny_vqa, str(out), *common, f"data.val={tiny_vqa['test']}", "eval.every=2",
+                              "eval.max_samples=6", "eval.batch_size=4", "eval.max_new_tokens=2"),
+                  evaluate=evaluate_file)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validated = [r for r in rows if "val/accuracy" in r]
+    assert [(r["step"], r["val/n"]) for r in validated] == [(2, 6), (4, 6), (5, 6)]  # every 2 steps, and the end
+    # validation restores the RNG and training mode: the same losses and weights as without it
+    assert [r["loss"] for r in rows if "loss" in r] == losses(tmp_path / "plain")
+    wa = load_file(tmp_path / "plain/final/llm_lora/adapter_model.safetensors")
+    wb = load_file(out / "final/llm_lora/adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the last one scores final/ as `seechat eval` would
+    again = evaluate_file(load(summary["final"]), tiny_vqa["test"], image_root=tiny_vqa["root"], max_samples=6,
+                          batch_size=4, max_new_tokens=2)
+    last = validated[-1]
+    assert (last["val/accuracy"], last["val/correct"]) == (again["accuracy"], again["correct"]) == (
+        summary["val_accuracy"], round(summary["val_accuracy"] * 6))
+    assert f"step 5: val/accuracy {again['accuracy']:.4f} ({again['correct']}/6, {tiny_vqa['test']})" in (
+        capsys.readouterr().out)
+    merged = read_metrics(out / "metrics.jsonl")  # a step's training and validation records are one
+    assert [sorted(r) for r in merged][1] == ["loss", "lr", "samples_per_s", "step", "val/accuracy", "val/correct",
+                                              "val/n"]
+    assert (out / "logs" / "val_accuracy.png").is_file()
+    assert plain["steps"] == summary["steps"] == 5 and "val_accuracy" not in plain
+
+
+def test_data_val_without_an_evaluator_is_refused_before_anything_runs(experts, tiny_vqa, tmp_path):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(experts, tiny_vqa, str(out), f"data.val={tiny_vqa['test']}")
+    with pytest.raises(ValueError, match=r"data.val='.*test.json' is set, but this call of seechat.training.loop.run "
+                                         r"got no evaluate=: pass run\(recipe, evaluate=seechat.inference.evaluate"):
+        run(recipe)
+    with pytest.raises(FileNotFoundError, match=r"data.val file .*missing.json does not exist"):
+        run(tiny_recipe(experts, tiny_vqa, str(out), f"data.val={tmp_path / 'missing.json'}"), evaluate=evaluate_file)
+    assert not out.exists()
+
+
+def test_progress_writes_lines_not_bars_when_stderr_is_no_terminal():
+    import io
+
+    from seechat.training.metrics import Progress
+
+    stream = io.StringIO()  # isatty() is False, as for a log file
+    progress = Progress(total=3, initial=0, desc="align", enabled=True, stream=stream, every_seconds=float("inf"))
+    for loss in ("0.5000", "0.4000", "0.3000"):
+        progress.update(loss=loss, lr="1.00e-03")
+    progress.close()
+    assert stream.getvalue() == "align: step 3/3 loss 0.3000 lr 1.00e-03\n"  # the last step only, no \r redraws

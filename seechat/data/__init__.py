@@ -8,6 +8,7 @@
     dataset      raw record           -> model-ready item (all of the above, in DataLoader workers)
     collate      items                -> padded batch
     sampler      lengths              -> length-grouped index order
+    from_recipe  a recipe's data section -> dataset (build_dataset)
 """
 from seechat.data.collate import VLMCollator
 from seechat.data.dataset import IterableVLMDataset, SampleEncoder, VLMDataset

@@ -69,6 +69,7 @@ def _step_seconds(recipe: dict, steps: int, out: Path) -> float:
     probe = copy.deepcopy(recipe)
     probe["output_dir"] = str(out)
     probe["model"]["init_from"] = None  # same compute; the stage before may not exist yet
+    probe["data"]["val"] = None  # a timing probe: nothing to validate
     probe["train"].update(max_steps=10**6, stop_after=steps, log_every=1, trackers=[], save_every=None,
                           max_seconds=None)
     shutil.rmtree(out, ignore_errors=True)
@@ -82,12 +83,13 @@ def _step_seconds(recipe: dict, steps: int, out: Path) -> float:
 
 def train_for(recipe: dict, seconds: float, calibration_steps: int) -> dict[str, Any]:
     """Run `recipe` for `seconds` of training loop: steps sized from a timed probe, capped by time."""
+    from seechat.inference.evaluate import evaluate_file
     from seechat.training.loop import run
 
     step = _step_seconds(recipe, calibration_steps, Path(recipe["output_dir"] + "-calibration"))
     recipe = copy.deepcopy(recipe)
     recipe["train"].update(max_steps=max(1, int(seconds / step)), max_seconds=seconds, trackers=[], save_every=None)
-    summary = run(recipe)
+    summary = run(recipe, evaluate=evaluate_file)
     return {**summary, "calibrated_step_seconds": step, "planned_steps": recipe["train"]["max_steps"]}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,7 +87,8 @@ def evaluate(
     # repeat) finds its sample.
     correct, rows = 0, []
     device = model.device
-    for batch in tqdm(loader, desc="eval", leave=False):
+    # No bar into a log file: redrawn bars would fill it (stderr not a terminal).
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not sys.stderr.isatty()):
         pixels = batch["pixel_values"]
         out = model.generate(
             batch["input_ids"].to(device),

@@ -16,13 +16,15 @@ from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
-CURVES = {"loss": ("training loss", "loss.png"), "lr": ("learning rate", "lr.png")}
+CURVES = {"loss": ("training loss", "loss.png"), "lr": ("learning rate", "lr.png"),
+          "val/accuracy": ("validation accuracy (data.val)", "val_accuracy.png")}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of `metrics.jsonl`, one per step (a resumed run re-logs steps after its
-    checkpoint: the later record wins), in step order. Unreadable lines (a run killed
-    mid-write) are skipped with a warning naming the line."""
+    """The records of `metrics.jsonl`, one per step, in step order. Records of the same step
+    are merged (a step's training record and its `val/...` record become one); a resumed run
+    re-logs the steps after its checkpoint, and the later values win. Unreadable lines (a run
+    killed mid-write) are skipped with a warning naming the line."""
     by_step: dict[int, dict] = {}
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -30,7 +32,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-                by_step[int(record["step"])] = record
+                by_step.setdefault(int(record["step"]), {}).update(record)
             except (ValueError, KeyError, TypeError) as err:
                 logger.warning("%s:%d: skipped unreadable metrics line (%s)", path, number, err)
     return [by_step[s] for s in sorted(by_step)]

@@ -60,10 +60,10 @@ def run_pipeline(overrides: Sequence[str] = (), fresh: bool = True, eval_samples
 
     timings = {"experts": ensure_default_inputs(fresh=fresh, **(expert_kwargs or {}))}
     align = load_recipe(ALIGN_RECIPE, list(overrides))
-    summary_align = run(align)
+    summary_align = run(align, evaluate=evaluate_file)
     timings["align"] = summary_align["seconds"]
     finetune = load_recipe(FINETUNE_RECIPE, [f"model.init_from={summary_align['final']}", *overrides])
-    summary_ft = run(finetune)
+    summary_ft = run(finetune, evaluate=evaluate_file)
     timings["finetune"] = summary_ft["seconds"]
     timings["training_total"] = sum(timings[k] for k in ("experts", "align", "finetune"))
 
