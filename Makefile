@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean sync-resources
 
 venv: $(STAMP)
 
@@ -32,6 +32,13 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/feature_cache.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/packing.py
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) benchmarks/estimate.py
+
+# The package ships copies of the adapter cards and base recipes (seechat/resources/); after
+# editing adapters/*.yaml or recipes/*.yaml, copy them in (tests/test_wheel.py checks they match).
+sync-resources:
+	rm -f seechat/resources/adapters/*.yaml seechat/resources/recipes/*.yaml
+	cp adapters/*.yaml seechat/resources/adapters/
+	cp recipes/*.yaml seechat/resources/recipes/
 
 clean:
 	rm -rf runs .pytest_cache

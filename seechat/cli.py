@@ -14,11 +14,12 @@ def _train(args: argparse.Namespace) -> int:
     from seechat.training.loop import run
 
     if args.config is None:  # the embedded default: easy-VQA with tiny local experts
-        from seechat.config import REPO_ROOT
-        from seechat.experiments.easyvqa.pipeline import ensure_default_inputs
+        from seechat import resources
+        from seechat.experiments.easyvqa.pipeline import demo_paths, ensure_default_inputs
 
         ensure_default_inputs()
-        args.config = str(REPO_ROOT / "recipes" / f"easyvqa_{args.stage or 'align'}.yaml")
+        args.config = str(resources.recipe_file(f"easyvqa_{args.stage or 'align'}.yaml"))
+        args.overrides = [*demo_paths(args.stage or "align"), *args.overrides]
     recipe = load_recipe(args.config, args.overrides)
     if args.stage and recipe["stage"] != args.stage:
         print(f"note: {args.config} is a {recipe['stage']!r} recipe, run with recipes/{args.stage}.py")

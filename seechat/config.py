@@ -1,9 +1,12 @@
 """Recipes: YAML with `inherit:`, adapter cards, dotted command-line overrides, validation.
 
 A recipe has `model` (`encoder`, `adapter`, `llm`), `data`, `train`, `eval` and `stage`.
-`model.adapter: qformer` loads the card `adapters/qformer.yaml`; a mapping with `card:` loads the
-card and overrides keys of it. On the command line `train.lr=2e-4 adapter=qformer
-adapter.num_queries=64` works; `encoder.`, `adapter.` and `llm.` are short for `model.*.`.
+`model.adapter: qformer` loads the packaged card qformer (seechat/resources/adapters/, copies of
+`adapters/*.yaml`); a mapping with `card:` loads the card and overrides keys of it; a card may
+also be a file (`card: cards/mine.yaml`). Relative paths in a recipe file are relative to that
+file, on the command line to the current directory (seechat/recipe_paths.py says exactly).
+On the command line `train.lr=2e-4 adapter=qformer adapter.num_queries=64` works; `encoder.`,
+`adapter.` and `llm.` are short for `model.*.`.
 Unknown keys are errors that suggest the closest valid key.
 """
 from __future__ import annotations
@@ -17,13 +20,15 @@ from typing import Any
 
 import yaml
 
+from seechat import recipe_paths, resources
 from seechat.models.kinds import KINDS
 from seechat.models.modes import LORA_DEFAULTS
 from seechat.models.registry import ADAPTERS, TRAINING_KEYS, lookup
 
+# The checkout's root, for tests and benchmarks; library code uses seechat.resources instead
+# (from an installed wheel this is site-packages).
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CARD_DIRS = (Path.cwd() / "adapters", REPO_ROOT / "adapters")
-DEFAULT_RECIPE = REPO_ROOT / "recipes" / "easyvqa_align.yaml"
+DEFAULT_RECIPE = resources.recipe_file("easyvqa_align.yaml")
 
 DEFAULTS: dict[str, Any] = {
     "stage": "align",
@@ -153,10 +158,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path else DEFAULT_RECIPE
     recipe = _read_with_inheritance(path, seen=())
     for item in overrides or []:
-        apply_override(recipe, item)
+        key = apply_override(recipe, item)
+        recipe_paths.mark(recipe, Path.cwd(), recipe_paths.COMMAND_LINE, under=key)
     _resolve_adapter(recipe)
     _validate(recipe, DEFAULTS, ())
     resolved = _merge(copy.deepcopy(DEFAULTS), recipe)
+    recipe_paths.resolve(resolved)  # relative paths: to their recipe file, or to the cwd (overrides)
     for module in ("encoder", "llm"):
         if resolved["model"][module].get("lora") is not None:
             resolved["model"][module]["lora"] = {**LORA_DEFAULTS, **resolved["model"][module]["lora"]}
@@ -171,15 +178,30 @@ def _read_with_inheritance(path: Path, seen: tuple) -> dict:
     raw = _yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping")
+    # A packaged recipe stands for ./recipes/<name> of the project run from (seechat/recipe_paths.py).
+    base_dir = Path.cwd() / "recipes" if resources.is_packaged_recipe(path) else path.parent
+    recipe_paths.mark(raw, base_dir, str(path))
     parent = raw.pop("inherit", None)
     if parent is None:
         return raw
-    base = _read_with_inheritance((path.parent / parent), seen + (path.resolve(),))
+    base = _read_with_inheritance(_inherited(path, str(parent)), seen + (path.resolve(),))
     return _merge(base, raw)
 
 
-def apply_override(recipe: dict, item: str) -> None:
-    """Apply one `dotted.key=value` override (value parsed as YAML)."""
+def _inherited(path: Path, parent: str) -> Path:
+    """`inherit: X` is the file X beside `path`; when there is none and X is a bare file name,
+    the packaged base recipe X (so a recipe outside the checkout may inherit the shipped ones)."""
+    beside = path.parent / parent
+    if beside.is_file() or Path(parent).name != parent:
+        return beside
+    if (resources.RECIPES / parent).is_file():
+        return resources.recipe_file(parent)
+    raise RecipeError(f"recipe {path}: inherit: {parent} names neither a file beside it ({beside}) nor a "
+                      f"packaged recipe (packaged: {', '.join(resources.recipe_names())})")
+
+
+def apply_override(recipe: dict, item: str) -> tuple[str, ...]:
+    """Apply one `dotted.key=value` override (value parsed as YAML); returns the full key."""
     if "=" not in item:
         raise RecipeError(f"override {item!r} must look like key=value (e.g. train.lr=2e-4)")
     key, value = item.split("=", 1)
@@ -189,7 +211,7 @@ def apply_override(recipe: dict, item: str) -> None:
     node = recipe
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if isinstance(child, str) and parts[: i + 1] == ["model", "adapter"]:
+        if isinstance(child, str) and parts[: i + 1] == ["model", "adapter"]:  # (a Given is a str)
             child = {"card": child}  # adapter=qformer adapter.num_queries=64
         if child is None:
             child = {}
@@ -198,6 +220,7 @@ def apply_override(recipe: dict, item: str) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = _yaml(value)
+    return tuple(parts)
 
 
 def _resolve_adapter(recipe: dict) -> None:
@@ -231,12 +254,20 @@ def _resolve_adapter(recipe: dict) -> None:
 
 
 def load_card(name: str) -> dict:
-    for directory in CARD_DIRS:
-        path = directory / f"{name}.yaml"
-        if path.is_file():
-            return _yaml(path.read_text()) or {}
-    cards = sorted({p.stem for d in CARD_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-    raise RecipeError(f"unknown adapter card {name!r}; valid cards: {', '.join(cards)}")
+    """A packaged adapter card by name (`qformer`), or a card file by path (`cards/my.yaml`,
+    relative to the recipe that names it, or to the current directory on the command line)."""
+    if recipe_paths.looks_like_card_file(name):
+        path = recipe_paths.card_path(name)
+        if not path.is_file():
+            raise RecipeError(recipe_paths.missing_card(name))
+    else:
+        path = resources.card_file(name)
+        if path is None:
+            raise RecipeError(f"unknown adapter card {name!r}; valid cards: {', '.join(resources.card_names())}")
+    card = _yaml(path.read_text()) or {}
+    if not isinstance(card, dict):
+        raise RecipeError(f"adapter card {path} must be a YAML mapping")
+    return card
 
 
 def _validate(node: dict, schema: dict, where: tuple) -> None:

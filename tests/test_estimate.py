@@ -80,8 +80,9 @@ def test_cli_on_the_7b_qlora_recipe_uses_the_built_in_table(capsys):
 
 
 def test_unknown_model_is_named(recipe_path):
-    recipe = load_recipe(recipe_path, ["llm.config=null", "llm.name_or_path=./no/such-model"])
-    with pytest.raises(ValueError, match="no config for llm './no/such-model'"):
+    # (a Hub-shaped name: a missing local path is already a RecipeError when the recipe loads)
+    recipe = load_recipe(recipe_path, ["llm.config=null", "llm.name_or_path=no-such-org/no-such-model"])
+    with pytest.raises(ValueError, match="no config for llm 'no-such-org/no-such-model'"):
         estimate(recipe)
 
 

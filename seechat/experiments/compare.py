@@ -30,23 +30,32 @@ from typing import Any, Sequence
 
 import yaml
 
-from seechat.config import REPO_ROOT, RecipeError, apply_override
+from seechat import resources
+from seechat.config import RecipeError, apply_override
+from seechat.recipe_paths import local_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = REPO_ROOT / "recipes" / "compare.yaml"
-NATIVE_RECIPE = REPO_ROOT / "recipes" / "native_easyvqa.yaml"
+DEFAULT_CONFIG = resources.recipe_file("compare.yaml")
+NATIVE_RECIPE = resources.recipe_file("native_easyvqa.yaml")
 KEYS = {"output_dir", "results_dir", "seed", "budget_seconds", "align_fraction", "calibration_steps",
         "eval_samples", "paths", "native", "generation", "experts", "data_dir"}
+PATH_KEYS = ("output_dir", "results_dir", "experts", "data_dir")
 
 
 def load_compare_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """recipes/compare.yaml (or `path`) with dotted `key=value` overrides, validated."""
-    cfg = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
+    """recipes/compare.yaml (or `path`) with dotted `key=value` overrides, validated. Relative
+    paths resolve as in recipes: against the file's directory (the packaged one: against
+    ./recipes), and on the command line against the current directory."""
+    path = Path(path or DEFAULT_CONFIG)
+    cfg = yaml.safe_load(path.read_text()) or {}
     cfg.setdefault("experts", None)
     cfg.setdefault("data_dir", None)
+    base = Path.cwd() / "recipes" if resources.is_packaged_recipe(path) else path.parent
+    _absolute_paths(cfg, base)
     for item in overrides:
         apply_override(cfg, item)
+        _absolute_paths(cfg, Path.cwd())
     unknown = sorted(set(cfg) - KEYS)
     if unknown:
         raise RecipeError(f"unknown compare key(s) {unknown}; valid: {', '.join(sorted(KEYS))}")
@@ -58,6 +67,12 @@ def load_compare_config(path: str | Path | None = None, overrides: Sequence[str]
     if cfg["generation"]["judge"] not in cfg["paths"]:
         raise RecipeError(f"generation.judge={cfg['generation']['judge']!r} is not one of the paths {list(cfg['paths'])}")
     return cfg
+
+
+def _absolute_paths(cfg: dict, base: Path) -> None:
+    for key in PATH_KEYS:
+        if isinstance(cfg.get(key), str) and not Path(cfg[key]).is_absolute():
+            cfg[key] = str(local_path(cfg[key], base))
 
 
 # ---------------------------------------------------------------------- training under a budget

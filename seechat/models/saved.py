@@ -9,14 +9,19 @@ model loads from anywhere and after its run tree is copied elsewhere.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # 2: local references relative to the model directory; 1: as the recipe wrote them
+READABLE = (1, 2)
 META = "seechat.json"
+# Keys of the model section that may refer to a local expert (or name a Hub model).
+REFERENCES = (("encoder", "name"), ("encoder", "pretrained"), ("llm", "name_or_path"), ("llm", "tokenizer"),
+              ("native", "vq"), ("init_from",))
 
 
 class ModelDirError(ValueError):
@@ -60,8 +65,45 @@ def writing_dir(directory: str | os.PathLike, marker: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _local(value: Any) -> bool:
+    """A string that names a local file or directory (not a Hub id, tag or model name)."""
+    if not isinstance(value, str) or not value:
+        return False
+    hub_shaped = not value.startswith((".", "/", "~")) and value.count("/") <= 1
+    return not hub_shaped or Path(value).expanduser().exists()
+
+
+def _map_references(model_cfg: dict[str, Any], change) -> dict[str, Any]:
+    """A copy of `model_cfg` with `change(value)` applied to each local reference."""
+    out = copy.deepcopy(model_cfg)
+    for key in REFERENCES:
+        node = out
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key[-1]), str):
+            node[key[-1]] = change(node[key[-1]])
+    return out
+
+
+def _relative_to(directory: Path):
+    def change(value: str) -> str:
+        if not _local(value):
+            return value  # a Hub id (or an open_clip tag / model name)
+        target = os.path.abspath(Path(value).expanduser())  # (a relative one: from the cwd)
+        try:
+            relative = os.path.relpath(target, os.path.abspath(directory))
+        except ValueError:  # another drive
+            return target
+        return relative if relative.startswith("..") else f"./{relative}"
+    return change
+
+
 def write_meta(tmp: Path, model_cfg: dict[str, Any], modes: dict[str, str], stored: dict[str, Any]) -> None:
-    meta = {"format": FORMAT, "model": model_cfg, "modes": modes, "stored": stored}
+    """seechat.json into `tmp` (the sibling of the model directory that `writing_dir` renames into
+    place, so paths relative to it are relative to the model directory). Local experts are stored
+    as `./...` or `../...` relative to the model directory, never relative to the cwd."""
+    meta = {"format": FORMAT, "model": _map_references(model_cfg, _relative_to(tmp)), "modes": modes,
+            "stored": stored}
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -77,10 +119,31 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelDirError(f"{meta_path} is not valid JSON ({e}); the model directory is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE:
         got = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelDirError(f"{meta_path}: format {got!r}, this seechat reads {FORMAT}")
+        raise ModelDirError(f"{meta_path}: format {got!r}, this seechat reads {', '.join(map(str, READABLE))}")
+    if meta["format"] >= 2:  # relative references: to this directory, wherever it now lies
+        meta["as_stored"] = meta["model"]
+        meta["model"] = _map_references(
+            meta["model"], lambda v: os.path.abspath(root / v) if v.startswith(".") else v)
     return meta
+
+
+def require_references(meta: dict[str, Any], root: Path, keys: list[tuple[str, ...]]) -> None:
+    """Check that the local experts at `keys` of the model section (those the loader is about to
+    use) exist, naming the reference as stored and the directory it is relative to."""
+    for key in keys:
+        value, stored = meta["model"], meta.get("as_stored", meta["model"])
+        for part in key:
+            value = value.get(part) if isinstance(value, dict) else None
+            stored = stored.get(part) if isinstance(stored, dict) else None
+        if not _local(value) or Path(value).expanduser().exists():
+            continue
+        relative = f" (relative to the model directory {root})" if stored != value else ""
+        raise ModelDirError(
+            f"{root / META}: model.{'.'.join(key)}={stored!r}{relative}: no such file or directory: {value}. "
+            "A saved model refers to the frozen experts it was trained with; copy them along, keeping "
+            "their place relative to the model, or write a standalone model with `seechat merge`.")
 
 
 def saved_modes(directory: str | os.PathLike) -> dict[str, str]:

@@ -8,34 +8,45 @@ exactly like the real recipes do with downloaded experts. The test split is neve
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from seechat.config import REPO_ROOT, load_recipe
+from seechat import resources
+from seechat.config import load_recipe
 
+# Relative to the current directory: in a checkout `make demo` runs from its root, so this is
+# the checkout's runs/demo; from an installed wheel, ./runs/demo of wherever it runs. The
+# packaged recipes point here too (their paths resolve against ./recipes: seechat/recipe_paths.py).
 DATA_DIR = Path("data/generated/easyvqa")
 RUN_DIR = Path("runs/demo")
 EXPERTS_DIR = RUN_DIR / "experts"
-ALIGN_RECIPE = REPO_ROOT / "recipes" / "easyvqa_align.yaml"
-FINETUNE_RECIPE = REPO_ROOT / "recipes" / "easyvqa_finetune.yaml"
+ALIGN_RECIPE = resources.recipe_file("easyvqa_align.yaml")
+FINETUNE_RECIPE = resources.recipe_file("easyvqa_finetune.yaml")
 
 
 def prepare_data(data_dir: Path = DATA_DIR) -> None:
-    """Run data/prepare_easyvqa.py unless `data_dir` holds what its current version writes."""
-    script = REPO_ROOT / "data" / "prepare_easyvqa.py"
+    """Prepare easy-VQA into `data_dir` unless it holds what the current preparation writes."""
+    from seechat.experiments.easyvqa.prepare import prepare, script_digest
+
     marker = data_dir / "prepared_by.json"
-    if marker.is_file():
-        digest = hashlib.sha256(script.read_bytes()).hexdigest()
-        if json.loads(marker.read_text()).get("script_sha256") == digest:
-            return
-    subprocess.run([sys.executable, str(script), "--out", str(data_dir)], check=True)
+    if marker.is_file() and json.loads(marker.read_text()).get("script_sha256") == script_digest():
+        return
+    logging.getLogger(__name__).info("preparing easy-VQA into %s", data_dir)
+    prepare(data_dir)
+
+
+def demo_paths(stage: str) -> list[str]:
+    """Overrides that point a demo recipe at DATA_DIR, EXPERTS_DIR and RUN_DIR explicitly (what
+    the recipes say too, when run from the directory that holds runs/ and data/)."""
+    data = DATA_DIR
+    paths = [f"model.encoder.name={EXPERTS_DIR / 'vision'}", f"llm.name_or_path={EXPERTS_DIR / 'llm'}",
+             f"data.train={data / 'train_balanced.json'}", f"data.val={data / 'val.json'}",
+             f"data.test={data / 'test.json'}", f"data.image_root={data}", f"output_dir={RUN_DIR / stage}"]
+    return paths + ([f"model.init_from={RUN_DIR / 'align' / 'final'}"] if stage == "finetune" else [])
 
 
 def ensure_default_inputs(fresh: bool = False, **expert_kwargs: Any) -> float:
@@ -59,10 +70,11 @@ def run_pipeline(overrides: Sequence[str] = (), fresh: bool = True, eval_samples
     from seechat.training.loop import run
 
     timings = {"experts": ensure_default_inputs(fresh=fresh, **(expert_kwargs or {}))}
-    align = load_recipe(ALIGN_RECIPE, list(overrides))
+    align = load_recipe(ALIGN_RECIPE, [*demo_paths("align"), *overrides])
     summary_align = run(align, evaluate=evaluate_file)
     timings["align"] = summary_align["seconds"]
-    finetune = load_recipe(FINETUNE_RECIPE, [f"model.init_from={summary_align['final']}", *overrides])
+    finetune = load_recipe(FINETUNE_RECIPE, [*demo_paths("finetune"), f"model.init_from={summary_align['final']}",
+                                             *overrides])
     summary_ft = run(finetune, evaluate=evaluate_file)
     timings["finetune"] = summary_ft["seconds"]
     timings["training_total"] = sum(timings[k] for k in ("experts", "align", "finetune"))
@@ -142,7 +154,8 @@ def run_seed(seed: int = 0, overrides: Sequence[str] = (), fresh: bool = True,
         correct[kind] = correct.get(kind, 0) + row["correct"]
     result["seed"] = seed
     result["accuracy_by_type"] = {k: correct[k] / total[k] for k in sorted(total)}
-    result["mixed_precision"] = resolve_mixed_precision(load_recipe(ALIGN_RECIPE, list(overrides))["train"]["mixed_precision"])
+    align = load_recipe(ALIGN_RECIPE, [*demo_paths("align"), *overrides])
+    result["mixed_precision"] = resolve_mixed_precision(align["train"]["mixed_precision"])
     result["examples"] = random.Random(0).sample(rows, min(8, len(rows)))
     return result
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from seechat.models.llm import hidden_size
 from seechat.models.modes import apply_modes, inject_encoder_lora
 from seechat.models.registry import TRAINING_KEYS
+from seechat.models.saved import require_references
 from seechat.models.stitched.build import assemble
 from seechat.models.stitched.model import StitchedVLM
 
@@ -44,6 +45,10 @@ def load_stitched(
     (see `seechat.models.kinds.load` for the arguments)."""
     cfg, saved_modes, stored = copy.deepcopy(meta["model"]), meta["modes"], meta["stored"]
     modes = modes or saved_modes
+    # The frozen experts this model refers to instead of storing them (read_meta made the
+    # references absolute from the model directory).
+    used = [] if "encoder" in stored else [("encoder", "name"), ("encoder", "pretrained")]
+    require_references(meta, root, used + ([] if "llm" in stored else [("llm", "name_or_path")]))
     for part in StitchedVLM.parts:
         override = (model_overrides or {}).get(part)
         if isinstance(override, dict):
