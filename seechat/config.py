@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from seechat import recipe_paths, resources
+from seechat.errors import UserError
 from seechat.models.kinds import KINDS
 from seechat.models.modes import LORA_DEFAULTS
 from seechat.models.registry import ADAPTERS, TRAINING_KEYS, lookup
@@ -134,7 +135,7 @@ FREE_FORM = {("model", "encoder", "config"), ("model", "llm", "config")}
 SHORTHAND = ("encoder", "adapter", "llm")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     pass
 
 

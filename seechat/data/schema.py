@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from seechat.errors import UserError
+
 ROLES = ("human", "gpt", "system")
 # Records converted from OpenAI-style chats use these names; they mean the same thing.
 ROLE_ALIASES = {"user": "human", "assistant": "gpt"}
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A sample (or the file line it came from) cannot be used. The message names the sample
     id, the file when known, and the problem, so the record can be found and fixed."""
 

@@ -21,6 +21,7 @@ from jinja2 import TemplateError as JinjaError
 from transformers import PreTrainedTokenizerBase
 
 from seechat.data.schema import SampleError
+from seechat.errors import UserError
 
 ROLE_TO_CHAT = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -29,7 +30,7 @@ ROLE_TO_CHAT = {"human": "user", "gpt": "assistant", "system": "system"}
 _SENTINEL = "\ue000seechat-content\ue001"
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """The tokenizer's chat template cannot be used to find assistant spans."""
 
 

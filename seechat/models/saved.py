@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from seechat.errors import UserError
+
 FORMAT = 2  # 2: local references relative to the model directory; 1: as the recipe wrote them
 READABLE = (1, 2)
 META = "seechat.json"
@@ -24,7 +26,7 @@ REFERENCES = (("encoder", "name"), ("encoder", "pretrained"), ("llm", "name_or_p
               ("native", "vq"), ("init_from",))
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError, ValueError):
     """A directory that is not a readable saved seechat model (missing, wrong format)."""
 
 

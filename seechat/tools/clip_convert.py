@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 
+from seechat.errors import UserError
 from seechat.models.encoders import VisionEncoder
 from seechat.models.encoders.hf import HFVisionEncoder
 from seechat.models.encoders.open_clip import OpenCLIPVisionEncoder
 
 
-class NotExpressibleError(ValueError):
+class NotExpressibleError(UserError, ValueError):
     """A part of the seechat model has no equivalent in the export target."""
 
 
