@@ -251,6 +251,11 @@ def _resolve_adapter(recipe: dict) -> None:
     for key in adapter:
         if key not in valid:
             raise RecipeError(_unknown(f"model.adapter.{key}", key, valid, f"adapter type {adapter['type']!r}"))
+        derived = getattr(builder, "follows_experts", ())
+        if adapter[key] == "auto" and key not in derived:
+            follows = ", ".join(derived) or "none"
+            raise RecipeError(f"model.adapter.{key}=auto: adapter type {adapter['type']!r} derives only "
+                              f"these keys from the experts: {follows}; set {key} to a value")
     model["adapter"] = adapter
 
 

@@ -33,7 +33,7 @@ def tiny_overrides(experts: dict, recipe: dict, llm: str = "llama") -> list[str]
     [
         ("llava15_align", "mlp", 16, "frozen"),
         ("llava15_finetune", "mlp", 16, "full"),
-        ("qwenvl_align", "resampler", 256, "frozen"),
+        ("qwenvl_align", "resampler", 16, "frozen"),  # min(16, side) queries: 4x4 for the tiny tower
         ("blip2_align", "qformer", 32, "frozen"),
         ("qlora_24gb", "mlp", 16, "qlora"),
     ],

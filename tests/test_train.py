@@ -156,9 +156,9 @@ def test_recipe_inherit_override_and_unknown_keys(tmp_path):
     r = load_recipe(tmp_path / "child.yaml", ["train.lr=2e-4", "adapter.num_queries=64"])
     assert r["train"] == {**r["train"], "lr": 2e-4, "batch_size": 8}
     assert r["model"]["adapter"]["type"] == "qformer" and r["model"]["adapter"]["num_queries"] == 64
-    assert r["model"]["adapter"]["num_layers"] == 12  # from the card
+    assert r["model"]["adapter"]["num_layers"] == "auto"  # from the card: derived from the LM at build
     r = load_recipe(tmp_path / "child.yaml", ["adapter=resampler256"])
-    assert r["model"]["adapter"] == {"type": "resampler", "grid_size": 16}
+    assert r["model"]["adapter"] == {"type": "resampler", "grid_size": "auto", "embed_dim": "auto", "num_heads": "auto"}
     with pytest.raises(RecipeError, match="did you mean 'lr'"):
         load_recipe(tmp_path / "child.yaml", ["train.lrr=1"])
     with pytest.raises(RecipeError, match="did you mean 'num_queries'"):
@@ -206,6 +206,7 @@ def test_chat_answers_from_a_saved_model(experts, tiny_vqa, tmp_path):
     tokens = model.generate(torch.tensor([ids]), pixel_values=pixels, num_images=torch.tensor([1]), max_new_tokens=4)
     assert answer == model.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
     assert isinstance(model.chat("Name a color.", max_new_tokens=3), str)
+
 
 def test_data_val_is_validated_on_the_way_and_changes_no_training_number(experts, tiny_vqa, tmp_path, capsys):
     from seechat.training.plots import read_metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from seechat.models.adapters import Adapter, MLPAdapter, QFormerAdapter, ResamplerAdapter
+from seechat.models.adapters import AUTO, Adapter, Experts, MLPAdapter, QFormerAdapter, ResamplerAdapter
 from seechat.models.encoders import HFVisionEncoder, OpenCLIPVisionEncoder, VisionEncoder
 
 ENCODERS: dict[str, Callable[..., VisionEncoder]] = {
@@ -50,6 +50,20 @@ def build_encoder(cfg: dict[str, Any]) -> VisionEncoder:
     return builder(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def build_adapter(cfg: dict[str, Any], in_dim: int, out_dim: int) -> Adapter:
+def adapter_config(cfg: dict[str, Any], experts: Experts) -> dict[str, Any]:
+    """`cfg` with the sizes it leaves unset (absent or `auto`) derived from `experts` by its
+    adapter type (see `Adapter.derive`); explicit values are kept."""
     builder = lookup(ADAPTERS, "adapter type", cfg.get("type", "mlp"))
-    return builder(in_dim=in_dim, out_dim=out_dim, **_architecture(cfg, ("type",)))
+    derive = getattr(builder, "derive", None)  # a builder that is no Adapter class derives nothing
+    return derive(cfg, experts) if derive else dict(cfg)
+
+
+def build_adapter(cfg: dict[str, Any], in_dim: int, out_dim: int) -> Adapter:
+    """The adapter `cfg` describes; sizes left `auto` must first go through `adapter_config`."""
+    builder = lookup(ADAPTERS, "adapter type", cfg.get("type", "mlp"))
+    kwargs = _architecture(cfg, ("type",))
+    auto = [k for k, v in kwargs.items() if v == AUTO]
+    if auto:
+        raise ValueError(f"adapter.{auto[0]}=auto is derived from the experts: pass the config through "
+                         "seechat.models.registry.adapter_config(cfg, experts) first")
+    return builder(in_dim=in_dim, out_dim=out_dim, **kwargs)

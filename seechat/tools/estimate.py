@@ -186,7 +186,7 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
     from seechat.models.kinds import stage_modes
-    from seechat.models.registry import build_adapter
+    from seechat.models.registry import Experts, adapter_config, build_adapter
 
     mcfg, tcfg = recipe["model"], recipe["train"]
     modes = stage_modes(recipe["stage"], mcfg)
@@ -218,8 +218,10 @@ def estimate(recipe: dict, dtype: str | None = None, batch: int | None = None, s
     llm = _weights(lm, modes["llm"], wbytes["llm"], lcfg.get("lora"), qlora=modes["llm"] == "qlora")
     llm.source = lsource
 
-    # --- adapter (built on meta from its card)
-    adapter_module = _meta_module(lambda: build_adapter(mcfg["adapter"], vc.hidden_size, lm_config.hidden_size))
+    # --- adapter (built on meta from its card; sizes it leaves `auto` derived as the build does)
+    experts = Experts(vc.hidden_size, (grid, grid), lm_config.hidden_size, lm_config.get_text_config().num_hidden_layers)
+    adapter_cfg = adapter_config(mcfg["adapter"], experts)
+    adapter_module = _meta_module(lambda: build_adapter(adapter_cfg, vc.hidden_size, lm_config.hidden_size))
     adp = _weights(adapter_module, modes["adapter"], 4, None)
     adp.source = f"adapter {mcfg['adapter'].get('type')}"
     image_tokens = adapter_module.num_tokens(n_patches)

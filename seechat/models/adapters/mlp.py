@@ -9,13 +9,12 @@ times so that the same projector reads it.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 from torch import nn
 
-from seechat.models.adapters.base import Adapter
+from seechat.models.adapters.base import Adapter, square_grid
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -48,10 +47,9 @@ class MLPAdapter(Adapter):
 
     def _grid(self, n_patches: int) -> tuple[int, int]:
         """(side of the square patch grid, 1 if a CLS token leads else 0)."""
-        for extra in (0, 1):
-            side = math.isqrt(n_patches - extra)
-            if side >= self.pixel_shuffle and side * side == n_patches - extra and side % self.pixel_shuffle == 0:
-                return side, extra
+        grid = square_grid(n_patches)
+        if grid is not None and grid[0] % self.pixel_shuffle == 0:
+            return grid
         raise ValueError(
             f"adapter.pixel_shuffle={self.pixel_shuffle} needs a square patch grid whose side it divides "
             f"(optionally after one CLS token); the encoder gives {n_patches} tokens"

@@ -6,16 +6,27 @@ are added to queries and keys so that the compression keeps track of where each 
 Key positions come from the same table as the query positions, bicubically resized when the
 patch grid differs from the query grid (e.g. 32x32 patches of a 448-px ViT-bigG vs 16x16
 queries). Values carry no position, only content.
+
+Unset sizes follow the experts (`derive`): width = LM width, heads = width / 128, and a query
+grid of min(16, patch grid side), since a resampler that emits more tokens than it reads
+compresses nothing. On Qwen-VL's experts (Qwen-7B, 4096 wide; ViT-bigG/14 at 448 px, 32x32
+patches, or at 224 px, 16x16) that is the paper's 256 queries, width 4096, 32 heads.
+
+A CLS token leading the patches (an encoder with `keep_cls: true`) has no grid position: the
+resampler drops it and reads the grid behind it; its output length stays grid_size^2.
 """
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seechat.models.adapters.base import Adapter
+from seechat.models.adapters.base import Adapter, Experts, divisor_at_most, square_grid, unset
+
+# Qwen-VL: 16x16 queries, 128-wide attention heads.
+_QWEN_VL_GRID, _HEAD_DIM = 16, 128
 
 
 def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
@@ -43,6 +54,18 @@ def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 class ResamplerAdapter(Adapter):
     needs_square_grid = True
+    follows_experts = ("grid_size", "embed_dim", "num_heads")
+
+    @classmethod
+    def derive(cls, cfg: dict[str, Any], experts: Experts) -> dict[str, Any]:
+        out = dict(cfg)
+        if unset(out, "grid_size"):
+            out["grid_size"] = min(_QWEN_VL_GRID, *experts.grid)
+        if unset(out, "embed_dim"):
+            out["embed_dim"] = experts.llm_width
+        if unset(out, "num_heads"):
+            out["num_heads"] = divisor_at_most(out["embed_dim"], out["embed_dim"] // _HEAD_DIM)
+        return out
 
     def __init__(
         self,
@@ -54,7 +77,7 @@ class ResamplerAdapter(Adapter):
     ):
         super().__init__(in_dim, out_dim)
         dim = embed_dim or out_dim
-        heads = num_heads or max(1, dim // 128)
+        heads = num_heads or divisor_at_most(dim, dim // _HEAD_DIM)
         if dim % heads:
             raise ValueError(f"adapter.embed_dim={dim} is not divisible by num_heads={heads}")
         self.grid_size = grid_size
@@ -69,21 +92,21 @@ class ResamplerAdapter(Adapter):
         self.register_buffer("pos_embed", sincos_2d(dim, grid_size, grid_size), persistent=False)
 
     def num_tokens(self, n_patches: int) -> int:
-        self._side(n_patches)
+        self._grid(n_patches)
         return self.grid_size * self.grid_size
 
     @staticmethod
-    def _side(n_patches: int) -> int:
-        side = math.isqrt(n_patches)
-        if side * side != n_patches:
+    def _grid(n_patches: int) -> tuple[int, int]:
+        """(side of the square patch grid, 1 if a CLS token leads it else 0)."""
+        grid = square_grid(n_patches)
+        if grid is None:
             raise ValueError(
-                f"the resampler needs a square patch grid, got {n_patches} patches "
-                "(set encoder.keep_cls: false so the CLS token is dropped)"
+                f"the resampler needs a square patch grid (optionally after one CLS token), "
+                f"got {n_patches} patch tokens"
             )
-        return side
+        return grid
 
-    def key_positions(self, n_patches: int) -> torch.Tensor:
-        side = self._side(n_patches)
+    def key_positions(self, side: int) -> torch.Tensor:
         if side == self.grid_size:
             return self.pos_embed
         grid = self.pos_embed.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
@@ -91,8 +114,9 @@ class ResamplerAdapter(Adapter):
         return grid.permute(0, 2, 3, 1).reshape(side * side, -1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        kv = self.ln_kv(self.kv_proj(features))
-        pos_k = self.key_positions(features.shape[1]).to(kv.dtype)
+        side, cls = self._grid(features.shape[1])
+        kv = self.ln_kv(self.kv_proj(features[:, cls:]))
+        pos_k = self.key_positions(side).to(kv.dtype)
         q = (self.ln_q(self.query) + self.pos_embed).to(kv.dtype)
         q = q.unsqueeze(0).expand(features.shape[0], -1, -1)
         out, _ = self.attn(q, kv + pos_k, kv, need_weights=False)
