@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from seechat import recipe_paths, resources
-from seechat.errors import UserError
+from seechat.errors import RecipeError
 from seechat.models.kinds import KINDS
 from seechat.models.modes import LORA_DEFAULTS
 from seechat.models.registry import ADAPTERS, TRAINING_KEYS, lookup
@@ -133,10 +133,6 @@ REMOVED = {
 # Mappings whose keys belong to someone else (a transformers/open_clip config).
 FREE_FORM = {("model", "encoder", "config"), ("model", "llm", "config")}
 SHORTHAND = ("encoder", "adapter", "llm")
-
-
-class RecipeError(UserError, ValueError):
-    pass
 
 
 class _Loader(yaml.SafeLoader):

@@ -11,3 +11,7 @@ from __future__ import annotations
 class UserError(Exception):
     """An error in the user's input. The message names the input (the file, the key, the
     directory) and says what to do about it, because it is all the user sees."""
+
+
+class RecipeError(UserError, ValueError):
+    """A recipe (file, key or command-line override) that seechat cannot run."""

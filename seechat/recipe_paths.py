@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from seechat.errors import RecipeError
+
 # dotted key -> "name" (Hub id or local path), "path" (local), "data" (path, or a Hub dataset
 # with data.format: hf), "cache" (off | auto | a directory)
 PATH_KEYS: dict[tuple[str, ...], str] = {
@@ -109,8 +111,6 @@ def _node(recipe: dict, key: tuple[str, ...]) -> Any:
 
 def resolve(recipe: dict) -> None:
     """Replace each `Given` in the merged recipe by an absolute path or a Hub id (module doc)."""
-    from seechat.config import RecipeError
-
     for key, kind in PATH_KEYS.items():
         parent = _node(recipe, key[:-1])
         value = parent.get(key[-1]) if isinstance(parent, dict) else None

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seechat"
 
 # Lower rooms never import higher ones. `seechat/__init__.py` (the lazy facade) and cli.py (the top)
 # may import anything.
-ROOMS = ["errors", "precision", "data", "models", "config", "training", "inference", "tools", "experiments", "cli"]
+ROOMS = ["errors", "precision", "resources", "data", "models", "recipe_paths", "config", "training", "inference", "tools", "experiments", "cli"]
 
 
 def _modules() -> dict[str, Path]:
