@@ -3,7 +3,7 @@ training-time budget: `python recipes/compare.py [--config recipes/compare.yaml]
 the same as `seechat compare`. Writes benchmarks/results/compare.{json,md,png}."""
 import sys
 
-from seechat.experiments.compare import main
+from seechat.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -17,7 +17,6 @@ tokens, marker area ~ training time), and asks the MLP model about images the na
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -215,31 +214,3 @@ def main_run(cfg: dict) -> dict[str, Any]:
                "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}}
     write_results(results, Path(cfg["results_dir"]))
     return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="seechat compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(parser)
-    return _compare(parser.parse_args(argv))
-
-
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="comparison config (recipes/compare.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget_seconds=60 eval_samples=500 "
-                                                     "experts=runs/demo/experts paths.native.overrides=[train.lr=1e-3]")
-
-
-def _compare(args: argparse.Namespace) -> int:
-    results = main_run(load_compare_config(args.config, args.overrides))
-    print((Path(results["config"]["results_dir"]) / "compare.md").read_text())
-    return 0
-
-
-def add_compare_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train MLP / Q-Former / resampler / native under one time budget; "
-                                       "compare them on easy-VQA", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(p)
-    p.set_defaults(func=_compare)

@@ -9,6 +9,7 @@ placeholders an image takes (`num_image_tokens`), which pixels its image part wa
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -22,6 +23,13 @@ from seechat.models.loss import chunked_head_loss
 from seechat.models.prompting import decode, prepare, reply, user_text
 from seechat.models.saved import META, write_meta, writing_dir
 from seechat.precision import reuse_autocast_casts
+
+# Recent transformers 5 releases rename the forward's `past_key_values` to `cache` and warn on
+# every call (generate's loop here) that uses the old name; `transformers>=5` releases before the
+# rename accept only the old one. Peft reads the deprecated `is_gradient_checkpointing` when it
+# wraps or loads LoRA. Neither warning is the user's to act on.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class SeeChatVLM(nn.Module):

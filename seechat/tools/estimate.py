@@ -382,31 +382,3 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 def fits(result: dict[str, Any], gib: float) -> bool:
     return result["total"] <= gib * 1024**3 and not math.isnan(result["total"])
-
-
-def add_estimate_parser(sub: Any) -> None:
-    """The `seechat estimate` subcommand."""
-    p = sub.add_parser("estimate", help="training memory per module (weights, grads, optimizer, activations)")
-    p.add_argument("--config", required=True, help="recipe YAML")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
-                   help="weight storage dtype (default: the recipe's encoder/llm dtype, else fp32)")
-    p.add_argument("--batch", type=int, default=None, help="per-device batch (default: train.batch_size)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per sample (default: image tokens + 128, at most data.max_length)")
-    p.add_argument("--supervised", type=int, default=None, help="supervised tokens per sample (default: half the text)")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where it trains (default: cuda)")
-    p.add_argument("--gpu-gib", type=float, default=None, help="also say whether it fits this many GiB")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. llm.gradient_checkpointing=true")
-    p.set_defaults(func=_estimate_command)
-
-
-def _estimate_command(args: Any) -> int:
-    from seechat.config import load_recipe
-
-    result = estimate(load_recipe(args.config, args.overrides), dtype=args.dtype, batch=args.batch,
-                      seq_len=args.seq_len, supervised=args.supervised, device=args.device)
-    print(format_estimate(result))
-    if args.gpu_gib:
-        verdict = "fits" if fits(result, args.gpu_gib) else "does NOT fit"
-        print(f"{verdict} in {args.gpu_gib:g} GiB (framework overhead such as the CUDA context, ~0.5-1 GiB, not included)")
-    return 0
