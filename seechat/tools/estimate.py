@@ -7,8 +7,9 @@ one chunk of LM-head logits) and the total.
 
 Parameter counts are exact: the modules are built on the meta device from their configs. A
 config comes from a local path, the recipe (`llm.config`, `encoder.config`), open_clip's
-built-in model configs, or, for Hub names that cannot be reached, `KNOWN_CONFIGS` below
-(Vicuna-7B/13B, Llama-2-7B, Qwen2.5, CLIP ViT-L/14(-336)); the output says which was used.
+built-in model configs, or, for Hub names that cannot be reached, `KNOWN_CONFIGS`
+(seechat/tools/known_configs.py: Vicuna-7B/13B, Llama-2-7B, Qwen2.5, CLIP ViT-L/14(-336)); the
+output says which was used.
 
 Activations follow what autograd saves per token and layer (see `_decoder_layer_bytes`):
 norm inputs, attention q/k/v/output, the MLP's intermediates, the inputs of linear layers whose
@@ -44,33 +45,10 @@ import torch
 from torch import nn
 
 from seechat.models.loss import DEFAULT_CHUNK
+from seechat.tools.known_configs import KNOWN_CONFIGS
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
-# Architectures of well-known Hub checkpoints, for machines that cannot reach the Hub.
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "lmsys/vicuna-7b-v1.5": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                             "vocab_size": 32000},
-    "lmsys/vicuna-13b-v1.5": {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824,
-                              "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
-                              "vocab_size": 32000},
-    "meta-llama/Llama-2-7b-hf": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                                 "vocab_size": 32000},
-    "Qwen/Qwen2.5-0.5B-Instruct": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
-                                   "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-                                   "vocab_size": 151936, "tie_word_embeddings": True},
-    "Qwen/Qwen2.5-7B-Instruct": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-                                 "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                                 "vocab_size": 152064, "tie_word_embeddings": False},
-    "openai/clip-vit-large-patch14-336": {"model_type": "clip_vision_model", "hidden_size": 1024,
-                                          "intermediate_size": 4096, "num_hidden_layers": 24,
-                                          "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
-    "openai/clip-vit-large-patch14": {"model_type": "clip_vision_model", "hidden_size": 1024,
-                                      "intermediate_size": 4096, "num_hidden_layers": 24,
-                                      "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
-}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 absmax
 
 
