@@ -242,3 +242,16 @@ def test_cpu_accelerate_config_is_one_cpu_process():
     config = load_config_from_file(str(REPO_ROOT / "recipes" / "accelerate" / "cpu.yaml"))
     assert (str(config.distributed_type).split(".")[-1], config.use_cpu, config.num_processes,
             config.num_machines, config.mixed_precision) == ("NO", True, 1, 1, "no")
+
+
+def test_chat_prints_no_library_warnings(plain_model, tmp_path):
+    """What the libraries say that the user cannot act on stays out of a chat: transformers'
+    `past_key_values` FutureWarning (generation), peft's `is_gradient_checkpointing` one (loading
+    LoRA), bitsandbytes' missing CPU kernels."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 20, 20)).save(tmp_path / "red.png")
+    proc = run("chat", "--model", str(plain_model), "--image", str(tmp_path / "red.png"), "--max-new-tokens", "3",
+               "What color is the shape?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr and "bitsandbytes" not in proc.stderr, proc.stderr
