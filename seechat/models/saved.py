@@ -91,9 +91,11 @@ def _relative_to(directory: Path):
     def change(value: str) -> str:
         if not _local(value):
             return value  # a Hub id (or an open_clip tag / model name)
-        target = os.path.abspath(Path(value).expanduser())  # (a relative one: from the cwd)
+        # Real paths on both sides (a relative value: from the cwd), so that a model directory
+        # reached through a symlink refers to the experts beside its real place.
+        target = os.path.realpath(Path(value).expanduser())
         try:
-            relative = os.path.relpath(target, os.path.abspath(directory))
+            relative = os.path.relpath(target, os.path.realpath(directory))
         except ValueError:  # another drive
             return target
         return relative if relative.startswith("..") else f"./{relative}"
@@ -127,7 +129,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if meta["format"] >= 2:  # relative references: to this directory, wherever it now lies
         meta["as_stored"] = meta["model"]
         meta["model"] = _map_references(
-            meta["model"], lambda v: os.path.abspath(root / v) if v.startswith(".") else v)
+            meta["model"], lambda v: os.path.realpath(root / v) if v.startswith(".") else v)
     return meta
 
 
