@@ -71,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
         # kind: native only (seechat/models/native/): the VQ image tokenizer and Chameleon's stabilisers
         "native": {
             "vq": None,  # a saved seechat.models.native.vq.VQTokenizer directory
+            "init_from": None,  # a text LM to grow (its vocabulary + the codes); None: llm.config, from scratch
+            "user_image_weight": 0.0,  # loss weight of the codes of images in user turns (0: not targets)
+            "cfg_dropout": 0.0,  # drawings: rate at which training drops the prompt (classifier-free guidance)
             "qk_norm": True,  # false: the LM's q_norm/k_norm become identities (ablation)
             "z_loss": 0.0,  # coefficient of mean(logsumexp(logits)^2) at supervised positions
             "attention_dropout": 0.0,

@@ -36,6 +36,7 @@ PATH_KEYS: dict[tuple[str, ...], str] = {
     ("model", "llm", "name_or_path"): "name",
     ("model", "llm", "tokenizer"): "name",
     ("model", "native", "vq"): "path",
+    ("model", "native", "init_from"): "name",
     ("data", "train"): "data",
     ("data", "val"): "data",
     ("data", "test"): "data",

@@ -32,6 +32,10 @@ from seechat.data.tokenization import IGNORE_INDEX, boundary_ids
 from seechat.models.llm import load_llm, load_tokenizer
 from seechat.models.base import SeeChatVLM
 from seechat.models.modes import apply_modes
+from seechat.models.native.sampling import decode_native, split_reply
+from seechat.models.native.targets import (assistant_image_labels, drop_conditions, user_image_labels,
+                                           weighted_lm_loss)
+from seechat.models.native.extend import extend_vocabulary, trained_rows
 from seechat.models.native.vocab import CodeVocab
 from seechat.models.native.vq import VQTokenizer, to_pil
 
@@ -53,6 +57,13 @@ class NativeVLM(SeeChatVLM):
             raise ValueError(f"native LM has {rows} vocabulary rows; text ({len(tokenizer)}) + codebook "
                              f"({vq.codebook_size}) needs {self.vocab.vocab_size}")
         self.z_loss = float(config["native"].get("z_loss") or 0.0)
+        self.user_image_weight = float(config["native"].get("user_image_weight") or 0.0)
+        self.cfg_dropout = float(config["native"].get("cfg_dropout") or 0.0)
+        if self.user_image_weight < 0 or not 0 <= self.cfg_dropout <= 1:
+            raise ValueError(f"model.native.user_image_weight={self.user_image_weight} must be >= 0 and "
+                             f"model.native.cfg_dropout={self.cfg_dropout} in [0, 1]")
+        # The dropped condition: every prompt position of a drawing becomes this id (targets.py).
+        self.null_id = tokenizer.pad_token_id
         text = ~self.vocab.code_mask()
         text[[self.image_token_id, self.boi_id, self.eoi_id]] = False
         self.register_buffer("text_ids", text, persistent=False)
@@ -109,50 +120,76 @@ class NativeVLM(SeeChatVLM):
         The tokenizer leaves all image positions at -100; an image belongs to an assistant turn
         exactly when the token after its `<im_end>` is supervised (the rest of the reply, or the
         end-of-turn token, which is always a target)."""
-        span = self.positions_per_image
-        labels = labels.clone()
-        for row, start in (ids == self.boi_id).nonzero().tolist():
-            after = start + span
-            if after < ids.shape[1] and labels[row, after] != IGNORE_INDEX:
-                labels[row, start:after] = ids[row, start:after]
-        return labels
+        return assistant_image_labels(ids, labels, self.boi_id, self.positions_per_image)
 
     def supervised_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Placeholders sit where the codes go, between the same boundary tokens.
-        return self.image_labels(input_ids, labels)
+        labels = self.image_labels(input_ids, labels)
+        if self.user_image_weight > 0:
+            user = user_image_labels(input_ids, labels, self.boi_id, self.positions_per_image)
+            labels = torch.where(user != IGNORE_INDEX, user, labels)
+        return labels
 
     # ------------------------------------------------------------------ training
     def forward(self, input_ids, attention_mask=None, pixel_values=None, num_images=None, labels=None,
                 sample_ids=None, image_features=None, position_ids=None) -> CausalLMOutputWithPast:
-        """As `SeeChatVLM.forward`; the loss adds `model.native.z_loss` x mean(logsumexp^2)."""
+        """As `SeeChatVLM.forward`; the loss adds `model.native.z_loss` x mean(logsumexp^2).
+        Training drops a drawing's prompt at `cfg_dropout`; the codes of images in user turns are
+        targets at weight `user_image_weight` (0: they are not, exactly as before)."""
         if image_features is not None:
             raise ValueError("the native model reads pixels (VQ codes), not cached encoder features")
         ids = self.spliced_ids(input_ids, pixel_values, num_images, sample_ids)
         if labels is None:
             return self.llm(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return self._lm_loss(self.image_labels(ids, labels), self.z_loss, input_ids=ids,
-                             attention_mask=attention_mask, position_ids=position_ids)
+        targets = self.image_labels(ids, labels)
+        if self.training and self.cfg_dropout > 0:
+            ids = drop_conditions(ids, labels, targets, self.boi_id, self.null_id, self.cfg_dropout,
+                                  attention_mask, position_ids)
+        inputs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
+        user = (user_image_labels(ids, targets, self.boi_id, self.positions_per_image)
+                if self.user_image_weight > 0 else None)
+        if user is None or not (user != IGNORE_INDEX).any():
+            return self._lm_loss(targets, self.z_loss, **inputs)
+        return weighted_lm_loss(self.base_llm, [(targets, 1.0), (user, self.user_image_weight)], self.z_loss, **inputs)
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args: Any, allowed_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """`SeeChatVLM.generate`, emitting text ids only unless `allowed_ids` says otherwise."""
         return super().generate(*args, allowed_ids=self.text_ids if allowed_ids is None else allowed_ids, **kwargs)
 
-    @torch.no_grad()
-    def generate_images(self, prompts: Sequence[str], temperature: float = 1.0, top_k: int = 0,
-                        generator: torch.Generator | None = None) -> list[Image.Image]:
-        """One image per prompt ("draw a red circle"): the prompt as a user turn, the
-        generation prompt and `<im_start>`, then `num_codes` sampled code ids, decoded by the VQ."""
-        self.eval()
+    def draw_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded "draw ..." prompts: each a user turn, the generation prompt, `<im_start>`."""
         rows = [{"id": str(i), "input_ids": torch.tensor(
             encode_prompt([{"from": "human", "value": p}], self.tokenizer, self.num_image_tokens) + [self.boi_id])}
             for i, p in enumerate(prompts)]
         batch = VLMCollator(self.tokenizer.pad_token_id, padding_side="left")(rows)
-        out = self.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                            max_new_tokens=self.vq.num_codes, do_sample=temperature > 0,
-                            temperature=temperature, top_k=top_k, eos_token_id=-1,  # no end: exactly n codes
-                            generator=generator, allowed_ids=self.code_ids)
-        return to_pil(self.vq.decode(self.vocab.to_codes(out)))
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str], temperature: float = 1.0, top_k: int = 0,
+                        generator: torch.Generator | None = None, cfg_scale: float = 1.0) -> list[Image.Image]:
+        """One image per prompt ("draw a red circle"): `num_codes` sampled code ids after the
+        prompt's `<im_start>`, guided at `cfg_scale` (1: none; sampling.py), decoded by the VQ."""
+        self.eval()
+        batch = self.draw_prompts(prompts)
+        out = decode_native(self, batch["input_ids"], batch["attention_mask"], self.vq.num_codes + 1, draw_only=True,
+                            cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, generator=generator)
+        return to_pil(self.vq.decode(self.vocab.to_codes(out[:, : self.vq.num_codes])))
+
+    @torch.no_grad()
+    def mixed_reply(self, prompt: str, images: Sequence = (), max_new_tokens: int = 256, cfg_scale: float = 1.0,
+                    temperature: float = 1.0, top_k: int = 0, do_sample: bool = False,
+                    generator: torch.Generator | None = None) -> list[str | Image.Image]:
+        """A reply that may hold text and images ("draw a red circle, then say what you drew"):
+        its parts in order, text as strings and images as PIL images (sampling.py)."""
+        self.eval()
+        batch = self.prepare([prompt], [list(images)])
+        out = decode_native(self, batch["input_ids"], batch["attention_mask"], max_new_tokens, cfg_scale=cfg_scale,
+                            temperature=temperature, top_k=top_k, do_sample=do_sample, generator=generator,
+                            pixel_values=batch.get("pixel_values"), num_images=batch.get("num_images"))
+        parts = split_reply(self, out[0].tolist())
+        return [p if isinstance(p, str) else to_pil(self.vq.decode(torch.tensor([p], device=self.device)))[0]
+                for p in parts]
 
 
 # ---------------------------------------------------------------------- building
@@ -184,25 +221,30 @@ def configure_llm(llm: PreTrainedModel, native: dict) -> None:
 
 
 def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
-    """Tokenizer (with boundary tokens), LM sized text + codebook, stabilisers applied; no modes."""
+    """Tokenizer (with boundary tokens), LM sized text + codebook, stabilisers applied; no modes.
+
+    `model.native.init_from` (a text LM: the stitched recipes' own) is the LM to grow; without
+    it the LM is `llm.name_or_path`, or random-init from `llm.config` (from scratch)."""
     cfg = copy.deepcopy(model_cfg)
     native = cfg["native"]
     llm_cfg = {**cfg["llm"], "image_boundary_tokens": True}
     cfg["llm"]["image_boundary_tokens"] = True
+    if native.get("init_from"):
+        llm_cfg["name_or_path"] = native["init_from"]
+        llm_cfg["tokenizer"] = llm_cfg.get("tokenizer") or native["init_from"]
     tokenizer = load_tokenizer(llm_cfg)
     vocab = CodeVocab(len(tokenizer), vq.codebook_size)
     if not llm_cfg.get("name_or_path"):
         if not llm_cfg.get("config"):
-            raise ValueError("the native LM needs llm.config (e.g. {model_type: qwen3, hidden_size: 192, ...}) "
-                             "or llm.name_or_path")
+            raise ValueError("the native LM needs model.native.init_from (a text LM to start from), llm.config "
+                             "(from scratch, e.g. {model_type: qwen3, hidden_size: 192, ...}) or llm.name_or_path")
         llm_cfg["config"] = {**llm_cfg["config"], "vocab_size": vocab.vocab_size}
     llm = load_llm(llm_cfg, tokenizer)
     if llm.get_input_embeddings().weight.shape[0] != vocab.vocab_size:  # a text LM: add code rows
-        # Codes follow the tokenizer's last id. Rows a checkpoint pads its vocabulary with
-        # (Qwen2.5: 151,665 ids in 151,936 rows) were never trained as anything: drop them, so
-        # every code row starts from the same initialisation.
-        llm.resize_token_embeddings(len(tokenizer))
-        llm.resize_token_embeddings(vocab.vocab_size, mean_resizing=True)
+        # Codes follow the tokenizer's last id; the text rows stay as trained (extend.py).
+        keep = trained_rows(llm_cfg["name_or_path"], llm_cfg["tokenizer"] or llm_cfg["name_or_path"],
+                            llm_cfg.get("trust_remote_code", False))
+        extend_vocabulary(llm, keep, vocab.vocab_size)
     configure_llm(llm, native)
     return NativeVLM(cfg, vq, llm, tokenizer)
 

@@ -1,0 +1,62 @@
+"""A pretrained text LM grown into a native one: its vocabulary extended by the image codes.
+
+`model.native.init_from` names the text LM (the stitched recipes' own, e.g. the demo's). Its
+first `keep` rows - the ids of its tokenizer as saved, which the LM was trained on - stay
+bit-identical; everything after them (seechat's `<image>`/boundary/pad tokens, then one row per
+code) starts from the statistics of those trained rows: a draw from the Gaussian with their mean
+and covariance (the diagonal when the covariance is singular), so a new row has the scale and the
+correlations of a real one instead of an initialiser's (Janus, Show-o and Anole all grow a
+pretrained text LM like this). transformers' `mean_resizing` draws from the same Gaussian with the
+covariance scaled by 1e-9, which makes a thousand code rows nearly one vector: the LM could not
+tell the codes apart on its first steps. The head is treated the same way (tied: it is the
+embedding). The draw is seeded, so a recipe builds the same model every time.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+from seechat.models.pretrained import from_pretrained
+
+
+def trained_rows(name_or_path: str, tokenizer_source: str, trust_remote_code: bool = False) -> int:
+    """How many leading rows of the saved LM hold trained text ids: the saved tokenizer's length,
+    or the LM's vocabulary if smaller. Rows a checkpoint pads its vocabulary with (Qwen2.5:
+    151,665 ids in 151,936 rows) were never trained as anything and are not kept."""
+    config = from_pretrained(AutoConfig.from_pretrained, name_or_path, "model.native.init_from", trust_remote_code)
+    rows = config.get_text_config().vocab_size
+    base = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_source, "model.llm.tokenizer", trust_remote_code)
+    return min(rows, len(base))
+
+
+@torch.no_grad()
+def statistical_rows(weight: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` rows drawn from N(mean, cov) of `weight`'s rows ([V, D]); diagonal if cov is singular."""
+    x = weight.detach().double()
+    mean = x.mean(0)
+    centered = x - mean
+    cov = centered.T @ centered / max(x.shape[0] - 1, 1)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    noise = torch.randn(n, x.shape[1], generator=generator, dtype=torch.float64, device="cpu").to(x.device)
+    if int(info) == 0:
+        rows = mean + noise @ chol.T
+    else:  # fewer trained rows than dimensions (tiny LMs): per-dimension std
+        rows = mean + noise * centered.std(0, unbiased=x.shape[0] > 1)
+    return rows.to(weight.dtype)
+
+
+@torch.no_grad()
+def extend_vocabulary(llm: PreTrainedModel, keep: int, vocab_size: int, seed: int = 0) -> None:
+    """Keep the first `keep` rows of the embedding (and untied head), grow both to `vocab_size`
+    and fill the new rows from the kept rows' statistics (module docstring). In place."""
+    if not 0 < keep <= vocab_size:
+        raise ValueError(f"extend_vocabulary: keep={keep} must lie in (0, vocab_size={vocab_size}]")
+    llm.resize_token_embeddings(keep, mean_resizing=False)  # drops padding rows and seechat's tokens
+    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    embedding, head = llm.get_input_embeddings().weight, llm.get_output_embeddings()
+    tied = head is None or head.weight is embedding
+    for weight in (embedding,) if tied else (embedding, head.weight):
+        weight[keep:] = statistical_rows(weight[:keep], vocab_size - keep, generator)
+    if not tied and getattr(head, "bias", None) is not None:
+        head.bias[keep:] = head.bias[:keep].mean()

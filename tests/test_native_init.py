@@ -1,0 +1,91 @@
+"""A native model grown from a pretrained text LM (`model.native.init_from`): every text id's
+embedding and head row is bit-identical after the extension, the new rows carry the statistics of
+the trained ones, and the recipe key resolves against the recipe file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from seechat.config import load_recipe
+from seechat.experiments.tiny import tiny_llm_config
+from seechat.models.native.extend import statistical_rows
+from seechat.models.native.model import assemble_native
+from seechat.models.native.vq import VQTokenizer
+
+
+@pytest.fixture(scope="module")
+def untrained_vq(tmp_path_factory) -> Path:
+    """A VQ tokenizer (16x16 -> 4x4 codes of 125); its weights do not matter here."""
+    out = tmp_path_factory.mktemp("vq_init")
+    torch.manual_seed(0)
+    VQTokenizer(image_size=16, channels=8, downsample=2, levels=(5, 5, 5)).save_pretrained(out)
+    return out
+
+
+def text_lm(experts: dict, out: Path, tied: bool, padding: int = 0) -> Path:
+    tok = AutoTokenizer.from_pretrained(experts["tokenizer"])
+    config = tiny_llm_config("qwen2", len(tok) + padding, hidden_size=32)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(1)
+    lm = AutoModelForCausalLM.from_config(config)
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_extension_keeps_every_text_row_bit_identical(experts, untrained_vq, tmp_path, tied):
+    lm_dir = text_lm(experts, tmp_path / "lm", tied, padding=7)  # 7 untrained padding rows, dropped
+    before = AutoModelForCausalLM.from_pretrained(lm_dir)
+    n_text = len(AutoTokenizer.from_pretrained(lm_dir))
+    vq = VQTokenizer.from_pretrained(untrained_vq)
+    model = assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "init_from": str(lm_dir),
+                                                          "qk_norm": False}, "llm": {}}, vq)
+    emb, head = model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight
+    assert emb.shape[0] == head.shape[0] == model.vocab.vocab_size == len(model.tokenizer) + 125
+    assert model.vocab.offset == len(model.tokenizer) > n_text  # seechat's <image>, <im_start>, <im_end> follow
+    old_emb, old_head = before.get_input_embeddings().weight, before.get_output_embeddings().weight
+    assert torch.equal(emb[:n_text], old_emb[:n_text])
+    assert torch.equal(head[:n_text], old_head[:n_text])
+    assert (head.data_ptr() == emb.data_ptr()) == tied
+    # The new rows (seechat's tokens and the codes) have the trained rows' scale, not an
+    # initialiser's: per-dimension mean and std within sampling error of the text rows'.
+    for new, old in ((emb, old_emb), (head, old_head)):
+        fresh, trained = new[n_text:].detach(), old[:n_text].detach()
+        assert fresh.std(0).div(trained.std(0)).sub(1).abs().mean() < 0.15
+        assert (fresh.mean(0) - trained.mean(0)).abs().max() < 4 * trained.std(0).max() / fresh.shape[0] ** 0.5
+        assert fresh.std(0).min() > 0  # distinct rows: the codes are told apart from the first step
+    # The same recipe builds the same model (the draw is seeded).
+    again = assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "init_from": str(lm_dir),
+                                                          "qk_norm": False}, "llm": {}}, vq)
+    assert torch.equal(again.llm.get_input_embeddings().weight, emb)
+
+
+def test_statistical_rows_follow_the_covariance():
+    torch.manual_seed(0)
+    mixing = torch.tensor([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.0, 0.0, 0.1]])
+    rows = torch.randn(20000, 3) @ mixing.T + torch.tensor([1.0, -2.0, 0.5])
+    drawn = statistical_rows(rows, 20000, torch.Generator().manual_seed(0))
+    assert torch.allclose(drawn.mean(0), rows.mean(0), atol=0.05)
+    assert torch.allclose(torch.cov(drawn.T), torch.cov(rows.T), atol=0.1)  # correlations kept, not just std
+    few = statistical_rows(rows[:2], 5, torch.Generator().manual_seed(0))  # singular covariance: diagonal
+    assert few.shape == (5, 3) and torch.isfinite(few).all()
+
+
+def test_init_from_resolves_against_the_recipe_file(experts, untrained_vq, tmp_path, monkeypatch):
+    text_lm(experts, tmp_path / "experts" / "llm", tied=False)
+    recipe = tmp_path / "recipes" / "native.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump({"stage": "finetune", "model": {
+        "kind": "native", "native": {"vq": str(untrained_vq), "init_from": "../experts/llm", "qk_norm": False},
+        "llm": {"tokenizer": experts["tokenizer"]}}}))
+    monkeypatch.chdir(tmp_path / "experts")  # anywhere else
+    cfg = load_recipe(recipe)
+    assert cfg["model"]["native"]["init_from"] == str(tmp_path / "experts" / "llm")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.native\.init_from='\./nowhere'.*no such file"):
+        load_recipe(recipe, ["model.native.init_from=./nowhere"])
