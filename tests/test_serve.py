@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 import seechat
-from seechat.inference.serve import create_app
+from seechat.inference.serve import create_app, server_config
 from vlm_helpers import saved_model, shape_image
 
 PROMPT = "What color is the shape?"
@@ -61,8 +61,8 @@ def served(experts, tmp_path_factory):
     shape_image().save(root / "images" / "red.png")
     model = seechat.load(model_dir)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny", image_dir=root / "images"),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(model, "tiny", image_dir=root / "images"),
+                                          port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -151,7 +151,7 @@ def test_bad_requests_are_4xx_json_and_server_keeps_serving(served):
     with pytest.raises(openai.BadRequestError, match="outside the server's image directory"):
         client.chat.completions.create(model="tiny", messages=[user(PROMPT, "../../etc/hostname")])
     many = [{"type": "image_url", "image_url": {"url": data_url(shape_image())}}] * 9 + [{"type": "text", "text": PROMPT}]
-    with pytest.raises(openai.BadRequestError, match="9 images in one request"):
+    with pytest.raises(openai.BadRequestError, match="more than 8 images in one request"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": many}])
 
     # still serving

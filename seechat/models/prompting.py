@@ -4,7 +4,9 @@
 REPL) and `seechat serve` all answer through it; `prepare`/`decode` are its batched form
 (`seechat eval`). A user turn with images is written as one `<image>\\n` per image followed by
 the text - the same text the exported llava-hf chat template renders (seechat/tools/export.py),
-so both give the same prompt. The model is duck-typed here (`seechat.models.base` imports this
+so both give the same prompt. Control tokens (`<|im_end|>`, `<|im_start|>`, ...) come only from
+the chat template: a turn's text that spells one is tokenised as the characters it is
+(`prompt_ids`), so a user cannot forge a system or assistant turn. The model is duck-typed here (`seechat.models.base` imports this
 module): anything with `tokenizer`, `num_image_tokens`, `image_transform`, `device`, `generate`.
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from seechat.data import encode_prompt, load_image
+from seechat.data import load_image, render_prompt
+from seechat.data.tokenization import _expand_images, boundary_ids, check_tokenizer
 from seechat.models.llm import IMAGE_TOKEN
 
 ImageLike = Any  # a path, a PIL image, or raw-bytes dict as `seechat.data.load_image` takes
@@ -55,12 +58,73 @@ def conversation_inputs(
 ) -> tuple[list[int], torch.Tensor | None]:
     """Prompt ids (placeholders expanded) and stacked pixels for a canonical conversation
     (`{"from", "value"}` turns) whose `<image>` markers refer to `images` in order."""
-    ids = encode_prompt(list(turns), model.tokenizer, model.num_image_tokens)
     n_markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
     if n_markers != len(images):
         raise ValueError(f"the conversation has {n_markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)")
+    ids = prompt_ids(model.tokenizer, turns, model.num_image_tokens)
     pixels = [model.image_transform(load_image(image)) for image in images]
     return ids, (torch.stack(pixels) if pixels else None)
+
+
+# Stands in for each turn's text to find where the template puts it (private-use code points).
+def _sentinel(i: int) -> str:
+    return f"\ue000seechat-turn-{i}\ue001"
+
+
+def _text_spans(turns: Sequence[dict[str, str]], tokenizer, text: str) -> list[tuple[int, int]] | None:
+    """Where each turn's text lies in the rendered prompt `text`, or None when the template
+    does not render the text verbatim (or trimmed) between text of its own."""
+    marked = render_prompt([{**t, "value": _sentinel(i)} for i, t in enumerate(turns)], tokenizer)
+    spans, pos, rest = [], 0, marked
+    for i, turn in enumerate(turns):
+        head, found, rest = rest.partition(_sentinel(i))
+        if not found:  # only turns after the last human one are left out of a prompt
+            if any(t["from"] == "human" for t in turns[i:]):
+                return None
+            break
+        if not text.startswith(head, pos):
+            return None
+        pos += len(head)
+        for value in (turn["value"], turn["value"].strip()):
+            if text.startswith(value, pos):
+                spans.append((pos, pos + len(value)))
+                pos += len(value)
+                break
+        else:
+            return None
+    return spans if text[pos:] == rest else None
+
+
+def prompt_ids(tokenizer, turns: Sequence[dict[str, str]], num_image_tokens: int) -> list[int]:
+    """Ids of the generation prompt for `turns`, each `<image>` expanded to `num_image_tokens`
+    ids. A control token spelt inside a turn's text is tokenised as plain text (HF's
+    `split_special_tokens`), so control tokens come from the template alone; `<image>` stays
+    the image marker (its count is checked against the images)."""
+    image_id = check_tokenizer(tokenizer, IMAGE_TOKEN)
+    text = render_prompt(list(turns), tokenizer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    control = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i != image_id}
+    if control.isdisjoint(ids):
+        safe = ids
+    else:
+        spans = _text_spans(turns, tokenizer, text)
+        if spans is None:  # cannot tell the template's tokens from the text's: refuse rather than guess
+            raise ValueError("a message spells a control token (e.g. <|im_end|>) and this chat template does "
+                             "not render message text verbatim; remove the control token from the text")
+        safe = []
+        for token, (start, end) in zip(ids, offsets):
+            if token in control and any(a <= start and end <= b for a, b in spans):
+                safe += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            else:
+                safe.append(token)
+    last_human = max(i for i, t in enumerate(turns) if t["from"] == "human")
+    n_markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns[: last_human + 1])
+    if safe.count(image_id) != n_markers:
+        raise ValueError(f"the rendered prompt holds {safe.count(image_id)} {IMAGE_TOKEN} token(s) for "
+                         f"{n_markers} marker(s); does the chat template add {IMAGE_TOKEN}?")
+    expanded, _, _ = _expand_images(safe, [0] * len(safe), image_id, num_image_tokens, boundary_ids(tokenizer))
+    return expanded
 
 
 def prepare(
