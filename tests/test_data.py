@@ -45,9 +45,10 @@ SENTENCES = [
     )
 ] + ["What shape is in the image?", "What colour is the shape?", "Describe the picture briefly."]
 
-END = {"chatml": "<|im_end|>", "llama2": "</s>"}
+END = {"chatml": "<|im_end|>", "llama2": " </s>"}
 # The Llama-2 template writes " " after "[/INST]", outside the generation prompt: the model has to
-# produce it, so it is supervised with the answer (as part of " red", or as its own token).
+# produce it, so it is supervised with the answer (as part of " red", or as its own token). It ends
+# the answer with " </s>": the space and the end token are both supervised.
 LEAD = {"chatml": "", "llama2": " "}
 
 

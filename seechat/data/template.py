@@ -2,15 +2,17 @@
 plus the character spans the loss should see.
 
 seechat never hard-codes a prompt format: the LM's tokenizer knows how it was trained to see a
-conversation. To know which characters the assistant wrote, we render growing prefixes of the
-conversation and compare them. For the k-th message, if it is an assistant turn,
+conversation. To know which characters the assistant wrote, we render the conversation and
+prefixes of it and compare them. For the k-th message, if it is an assistant turn,
 
-    render(messages[:k], add_generation_prompt=True)   = everything before its content
-    render(messages[:k+1])                               = ... + its content + end-of-turn text
+    render(messages[:k], add_generation_prompt=True)       = the text before the model writes
+    render(messages with message k's content as a marker)  = where its content lies in the whole
+    render(messages[:k] + [message k as a marker])         = its end-of-turn text ("<|im_end|>\\n")
 
-which holds for every template that renders earlier turns the same way regardless of what
-follows ("prefix-stable"). Templates that are not (e.g. ones that rewrite earlier assistant
-turns) are detected and refused with `TemplateError` rather than trained on silently wrong labels.
+The generation prompt must be a prefix of the whole rendered text ("prefix-stable"); a template
+that is not (e.g. one that writes something depending on the number of messages first) is
+refused with `TemplateError` rather than trained on silently wrong labels, and so is one that
+changes the content or writes nothing after it (the model could never learn to stop).
 """
 from __future__ import annotations
 
@@ -86,41 +88,67 @@ def _not_prefix(what: str, index: int) -> TemplateError:
     )
 
 
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _assistant_span(tokenizer, messages, index: int, text: str, sample_id: Any) -> AssistantSpan:
+    """Where assistant message `index` lies in `text` (the whole conversation rendered)."""
+    before = _render(tokenizer, messages[:index], True, sample_id)
+    if not text.startswith(before):
+        raise _not_prefix("the generation prompt is not a prefix of the rendered conversation", index)
+    marker = {"role": "assistant", "content": _SENTINEL}
+    marked = _render(tokenizer, messages[:index] + [marker] + messages[index + 1 :], False, sample_id)
+    if not marked.startswith(before) or marked.count(_SENTINEL) != 1:
+        raise _not_prefix("the assistant content is not rendered once after the generation prompt", index)
+    head, tail = marked[len(before) :].split(_SENTINEL)
+    start, end = len(before) + len(head), len(text) - len(tail)
+    if not (text[len(before) : start] == head and text.endswith(tail) and start <= end):
+        raise _not_prefix("the text around the assistant content depends on the content", index)
+    # Templates may trim the content (`| trim`); anything else would train on text the data
+    # does not contain.
+    if text[start:end].strip() != messages[index]["content"].strip():
+        raise TemplateError(
+            f"the chat template changes assistant message {index}'s content "
+            f"({messages[index]['content']!r} is rendered as {text[start:end]!r})"
+        )
+    # The end-of-turn text: what the template writes after the content when this turn is the
+    # last one (what the model writes before it stops), as far as the whole text has it too.
+    last = _render(tokenizer, messages[:index] + [marker], False, sample_id).split(_SENTINEL)[-1]
+    turn_end = end + _common_prefix(last, text[end:])
+    if not text[end:turn_end].strip():
+        raise TemplateError(
+            f"the chat template writes no end-of-turn text after assistant message {index} "
+            f"(it renders {last!r}); without an end token the model never learns to stop"
+        )
+    return AssistantSpan(len(before), start, end, turn_end)
+
+
 def render_conversation(
     conversations: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase, sample_id: Any = None
 ) -> RenderedConversation:
     """The full conversation rendered by the tokenizer's chat template, and the span of every
-    assistant turn's content and end-of-turn text within it."""
+    assistant turn's content and end-of-turn text within it.
+
+    Each assistant turn is located in the whole rendered text: its generation prompt must be a
+    prefix of it, and the turn's content is found by rendering the conversation with a marker in
+    its place. Templates that render history differently from the last turn (Qwen3 drops the
+    `<think>` block from turns before the last user message) are fine: each span is what the
+    whole text holds."""
     messages = to_chat_messages(conversations)
     text = _render(tokenizer, messages, False, sample_id)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:index], True, sample_id)
-        through = _render(tokenizer, messages[: index + 1], False, sample_id)
-        placeholder = _render(
-            tokenizer, messages[:index] + [{"role": "assistant", "content": _SENTINEL}], False, sample_id
-        )
-        if not through.startswith(before):
-            raise _not_prefix("the generation prompt is not a prefix of the rendered assistant turn", index)
-        if not text.startswith(through):
-            raise _not_prefix("a rendered prefix of the conversation is not a prefix of the whole", index)
-        if not placeholder.startswith(before) or placeholder.count(_SENTINEL) != 1:
-            raise _not_prefix("the assistant content is not rendered once after the generation prompt", index)
-        head, tail = placeholder[len(before) :].split(_SENTINEL)
-        start, end = len(before) + len(head), len(through) - len(tail)
-        if not (through[len(before) : start] == head and through.endswith(tail) and start <= end):
-            raise _not_prefix("the text around the assistant content depends on the content", index)
-        # Templates may trim the content (`| trim`); anything else would train on text the data
-        # does not contain.
-        if through[start:end].strip() != message["content"].strip():
-            raise TemplateError(
-                f"the chat template changes assistant message {index}'s content "
-                f"({message['content']!r} is rendered as {through[start:end]!r})"
-            )
-        spans.append(AssistantSpan(len(before), start, end, len(through)))
+    spans = [_assistant_span(tokenizer, messages, index, text, sample_id)
+             for index, message in enumerate(messages) if message["role"] == "assistant"]
     return RenderedConversation(text, spans)
+
+
+def end_of_turn_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the template writes after an assistant answer ("<|im_end|>\\n", " </s>", ...)."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+    return _render(tokenizer, messages, False, None).split(_SENTINEL)[-1]
 
 
 def render_prompt(conversations: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:

@@ -3,10 +3,12 @@
 The rendered conversation (see `template.py`) is tokenized once, with character offsets, and a
 token is supervised when it overlaps what the model has to write in an assistant turn: from the
 end of the generation prompt (usually the content's first character; Llama-2 templates put a
-space first) to the end of the content, plus the first token after the content - the
-end-of-turn token (`<|im_end|>`, `</s>`, ...) - so the model learns to stop. Everything else is -100. Each `<image>` token then becomes exactly
-`num_image_tokens` copies, the number of embeddings the adapter produces, so sequence lengths
-are final here and the model only has to fill the placeholders.
+space first) to the end of the content, then the end-of-turn text up to and including its first
+special token - the end token (`<|im_end|>`, `</s>`, `<end_of_turn>`, `<|eot_id|>`, ...) - so
+the model learns to stop; Llama-2's `' ' + eos` after the answer is two tokens, both supervised.
+Nothing after the end token is (ChatML's "\\n"). Everything else is -100. Each `<image>` then
+becomes exactly `num_image_tokens` copies, the number of embeddings the adapter produces, so
+sequence lengths are final here and the model only has to fill the placeholders.
 
 (Named tokenization.py, not tokenize.py, so that running a script from this folder cannot
 shadow the standard library's `tokenize` module.)
@@ -18,7 +20,7 @@ from typing import Any, Literal, Mapping, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from seechat.data.schema import SampleError
-from seechat.data.template import AssistantSpan, render_conversation, render_prompt
+from seechat.data.template import AssistantSpan, end_of_turn_text, render_conversation, render_prompt
 
 IGNORE_INDEX = -100
 
@@ -51,7 +53,29 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = "<ima
     return image_id
 
 
-def _supervised_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[AssistantSpan]) -> list[bool]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the tokenizer's special tokens (eos, bos, ... and added tokens marked special)."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return added | set(tokenizer.all_special_ids)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids generation stops at: eos, and the end token the chat template writes after an
+    answer when that is another token (Gemma's `<end_of_turn>`, Llama 3's `<|eot_id|>`)."""
+    stops = {tokenizer.eos_token_id} - {None}
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            tail = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+        except (SampleError, ValueError):  # a template that refuses the probe: eos alone
+            tail = []
+        special = special_ids(tokenizer)
+        stops |= set(next(([t] for t in tail if t in special), []))
+    return sorted(stops)
+
+
+def _supervised_mask(
+    ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[AssistantSpan], ends: set[int]
+) -> list[bool]:
     mask = [False] * len(offsets)
     i = 0
     for span in spans:  # spans and tokens are both in text order: one sweep
@@ -64,9 +88,13 @@ def _supervised_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Assista
         while i < len(offsets) and offsets[i][0] < span.content_end:
             mask[i] = offsets[i][1] > offsets[i][0]
             i += 1
-        if i < len(offsets) and offsets[i][0] < span.turn_end:
-            mask[i] = True  # the end-of-turn token; text after it (e.g. ChatML's "\n") is not
+        # The end-of-turn text up to and including its end token (a special token); text after
+        # it (ChatML's "\\n") is not. Without a special token, the whole end-of-turn text is.
+        while i < len(offsets) and offsets[i][0] < span.turn_end:
+            mask[i] = True
             i += 1
+            if ids[i - 1] in ends:
+                break
     return mask
 
 
@@ -166,7 +194,7 @@ def _encode(
     # The template already wrote BOS (or whatever the model expects) into the text.
     encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
-    mask = _supervised_mask(encoding["offset_mapping"], rendered.assistant_spans)
+    mask = _supervised_mask(ids, encoding["offset_mapping"], rendered.assistant_spans, special_ids(tokenizer))
     labels = [token if keep and token != image_id else IGNORE_INDEX for token, keep in zip(ids, mask)]
     _check_image_count(sample_id, ids.count(image_id), _count_markers(conversations, image_token),
                        sample.get("images"), image_token)

@@ -17,9 +17,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from seechat.data.tokenization import IGNORE_INDEX
+from seechat.data.tokenization import stop_token_ids
 from seechat.models.llm import IMAGE_TOKEN
-from seechat.models.loss import chunked_head_loss
+from seechat.models.loss import supervised_lm_loss
 from seechat.models.prompting import decode, prepare, reply, user_text
 from seechat.models.saved import META, write_meta, writing_dir
 from seechat.precision import reuse_autocast_casts
@@ -101,16 +101,9 @@ class SeeChatVLM(nn.Module):
         return labels
 
     def _lm_loss(self, labels: torch.Tensor, z_loss: float = 0.0, **inputs) -> CausalLMOutputWithPast:
-        """The LM's decoder on `inputs`, then head + loss at the supervised positions only."""
-        base = self.base_llm
-        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if not keep.any():  # nothing supervised: a zero that still has a graph
-            return CausalLMOutputWithPast(loss=hidden.sum() * 0.0)
-        # Chunked: the [n_supervised, V] logits never exist at once (see seechat/models/loss.py).
-        loss = chunked_head_loss(hidden[:, :-1][keep], base.get_output_embeddings(), targets[keep], z_loss=z_loss)
-        return CausalLMOutputWithPast(loss=loss)
+        """The LM's decoder on `inputs`, then head (+ the family's logit transform) + loss at the
+        supervised positions only (see seechat/models/loss.py)."""
+        return CausalLMOutputWithPast(loss=supervised_lm_loss(self.base_llm, labels, z_loss, **inputs))
 
     # ------------------------------------------------------------------ generation
     def chat(
@@ -167,7 +160,8 @@ class SeeChatVLM(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             if not bool(attention_mask[:, -1].all()):
                 raise ValueError("generate() needs left-padded prompts (tokenizer padding_side='left')")
-            eos = eos_token_id if eos_token_id is not None else self.tokenizer.eos_token_id
+            # eos and the template's end-of-turn token (Gemma's <end_of_turn>, Llama 3's <|eot_id|>)
+            eos = eos_token_id if eos_token_id is not None else stop_token_ids(self.tokenizer)
             eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
             pad = self.tokenizer.pad_token_id
             embeds = self.embed(input_ids, pixel_values, num_images)

@@ -22,7 +22,7 @@ from transformers import (
 
 from seechat.data.tokenization import IMAGE_START, IMAGE_END
 from seechat.models.pretrained import from_pretrained
-from seechat.data.chat_templates import CHAT_TEMPLATES
+from seechat.data.chat_templates import CHAT_TEMPLATES, TEMPLATE_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,14 @@ def load_tokenizer(cfg: dict[str, Any]) -> PreTrainedTokenizerBase:
     key = "model.llm.tokenizer" if cfg.get("tokenizer") else "model.llm.name_or_path"
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, key, cfg.get("trust_remote_code", False))
     if cfg.get("chat_template"):
-        # A name of a built-in template (chatml, llama2, vicuna) or a Jinja template string.
-        tokenizer.chat_template = CHAT_TEMPLATES.get(cfg["chat_template"], cfg["chat_template"])
+        # A name of a built-in template (chat_templates.py, docs/families.md) or a Jinja string.
+        name = cfg["chat_template"]
+        tokenizer.chat_template = CHAT_TEMPLATES.get(name, name)
+        # The named template's control tokens, as single special tokens (the end token must be one
+        # token to be learnt and stopped at); the LM's embeddings grow to fit in `load_llm`.
+        missing = [t for t in TEMPLATE_TOKENS.get(name, ()) if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"tokenizer {source!r} has no chat template; seechat renders conversations with the "
