@@ -141,6 +141,8 @@ class Scheduler:
         """The client has gone: stop at the next step (or leave the queue)."""
         job.seq.cancelled = True
         with self.condition:
+            if job in self.waiting:  # its place is free at once
+                self.waiting.remove(job)
             self.condition.notify()
 
     def stop(self) -> None:
