@@ -125,14 +125,15 @@ def parse_params(body: Any) -> Params:
 
 
 def answer_budget(prompt_tokens: int, requested: int | None, limits: Limits, context: int) -> int:
-    """How many tokens the answer may have: `requested` (capped by the server's max_new_tokens),
-    or as many as fit; a 400 naming both numbers when the prompt and the answer exceed `context`."""
-    cap = limits.max_new_tokens if requested is None else min(requested, limits.max_new_tokens)
-    if requested is None:
-        cap = min(cap, context - prompt_tokens)
-    if cap < 1 or prompt_tokens + cap > context:
-        raise APIError(400, f"the prompt is {prompt_tokens} tokens and the answer may take {max(cap, 1)}: "
-                            f"together over the model's context of {context} tokens; shorten the messages"
-                            + ("" if requested is None else " or lower max_tokens"), "messages",
+    """How many tokens the answer may have: `requested` capped by the server's max_new_tokens, or
+    without a request as many as fit. Prompt + requested over `context` is a 400 naming the numbers."""
+    if requested is not None and prompt_tokens + requested > context:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens and max_tokens is {requested}: together over "
+                            f"the model's context of {context} tokens; lower max_tokens or shorten the messages",
+                       "max_tokens", "context_length_exceeded")
+    budget = min(limits.max_new_tokens, context - prompt_tokens if requested is None else requested)
+    if budget < 1:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens: it leaves no room for an answer in the "
+                            f"model's context of {context} tokens; shorten the messages", "messages",
                        "context_length_exceeded")
-    return cap
+    return budget

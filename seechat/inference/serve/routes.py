@@ -71,14 +71,18 @@ def sampling_of(params: Params, device: torch.device) -> Sampling:
     return Sampling(True, params.temperature, params.top_k, params.top_p, generator)
 
 
-async def next_event(job: Job, request: Request) -> tuple[str, Any]:
-    """The job's next event; `None` kind when the client has gone meanwhile."""
+async def next_event(job: Job, request: Request, scheduler: Scheduler) -> tuple[str, Any]:
+    """The job's next event; kind "gone" when the client has left meanwhile. Past the job's
+    deadline the scheduler is told once (`expire`), and its answer to that follows as events."""
     while True:
         try:
             return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
         except TimeoutError:
             if await request.is_disconnected():
                 return "gone", None
+            if time.monotonic() > job.deadline and not job.timed_out:
+                job.timed_out = True
+                scheduler.expire(job)
 
 
 def _completion(meta: dict, result: Result) -> dict:
@@ -210,7 +214,7 @@ def create_app(model: Any, model_name: str, image_dir: str | Path | None = None,
 async def _answer(request: Request, job: Job, params: Params, meta: dict, scheduler: Scheduler):
     streaming = False
     try:
-        event = await next_event(job, request)
+        event = await next_event(job, request, scheduler)
         if event[0] == "error":
             raise event[1]
         if event[0] == "gone":
@@ -220,7 +224,7 @@ async def _answer(request: Request, job: Job, params: Params, meta: dict, schedu
             return StreamingResponse(_events(job, event, meta, params.include_usage, scheduler),
                                      media_type="text/event-stream")
         while event[0] == "text":
-            event = await next_event(job, request)
+            event = await next_event(job, request, scheduler)
         if event[0] == "error":
             raise event[1]
         return None if event[0] == "gone" else _completion(meta, event[1])

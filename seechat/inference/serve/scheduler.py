@@ -145,6 +145,19 @@ class Scheduler:
                 self.waiting.remove(job)
             self.condition.notify()
 
+    def expire(self, job: Job) -> None:
+        """The job's deadline has passed (the route keeps time, so a busy step cannot delay it):
+        a queued job leaves with a 503, a decoding one ends at the next step with what it has."""
+        with self.condition:
+            queued = job in self.waiting
+            if queued:
+                self.waiting.remove(job)
+            else:
+                job.timed_out = job.seq.cancelled = True
+        if queued:
+            job.send("error", APIError(503, "the request waited too long in the queue; retry shortly", None,
+                                       "timeout", headers={"Retry-After": "1"}))
+
     def stop(self) -> None:
         with self.condition:
             self.stopping = True
