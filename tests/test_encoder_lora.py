@@ -29,13 +29,14 @@ def plain_encoder(experts, feature_layer: int):
 
 
 def test_all_linear_open_clip_targets_attention_and_mlp_of_used_blocks(experts):
-    # tiny tower: 2 blocks; feature_layer=0 reads block 0, so block 1 never runs (stop_early)
-    model = open_clip_lora_model(experts, feature_layer=0)
+    # tiny tower: 2 blocks; feature_layer=1 (LLaVA's numbering: 0 = embeddings) reads block 0,
+    # so block 1 never runs (stop_early)
+    model = open_clip_lora_model(experts, feature_layer=1)
     tower = model.encoder.tower
     wrapped = [n for n, m in tower.named_modules() if isinstance(m, BaseTunerLayer)]
     assert wrapped == ["transformer.resblocks.0.attn", "transformer.resblocks.0.attn.base_layer.out_proj",
                        "transformer.resblocks.0.mlp.c_fc", "transformer.resblocks.0.mlp.c_proj"]
-    assert encoder_lora_targets(plain_encoder(experts, feature_layer=0), "all-linear") == ["transformer.resblocks.0.attn", "transformer.resblocks.0.mlp.c_fc",
+    assert encoder_lora_targets(plain_encoder(experts, feature_layer=1), "all-linear") == ["transformer.resblocks.0.attn", "transformer.resblocks.0.mlp.c_fc",
                        "transformer.resblocks.0.mlp.c_proj"]
     attn = model.encoder.tower.transformer.resblocks[0].attn
     assert isinstance(attn, LoraMultiheadAttention)
@@ -86,9 +87,9 @@ def test_explicit_dead_target_is_refused(experts, target):
 
 
 def test_target_that_feeds_nothing_is_refused(experts):
-    # feature_layer=0: only block 0 runs, so LoRA on block 1 alone could never train
+    # feature_layer=1: only block 0 runs, so LoRA on block 1 alone could never train
     with pytest.raises(ValueError, match=r"resblocks\.1\.mlp\.c_fc"):
-        open_clip_lora_model(experts, feature_layer=0, target=r"transformer\.resblocks\.1\.mlp\.c_fc")
+        open_clip_lora_model(experts, feature_layer=1, target=r"transformer\.resblocks\.1\.mlp\.c_fc")
 
 
 def test_hf_tower_all_linear_skips_layers_after_the_feature_layer(experts):

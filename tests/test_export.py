@@ -61,7 +61,7 @@ def assert_same_as_seechat(model_dir, out_dir, backend="pil"):
         ("clip-lora", "hf", {}, {}, None),
         ("clip-keepcls-linear", "hf", {"keep_cls": True, "feature_layer": -1}, {"projector": "linear"},
          {"encoder": "frozen", "adapter": "full", "llm": "full"}),
-        ("open_clip-encoder-lora", "open_clip", {"feature_layer": 0}, {},
+        ("open_clip-encoder-lora", "open_clip", {"feature_layer": 1}, {},
          {"encoder": "lora", "adapter": "full", "llm": "lora"}),
         ("siglip-no-cls", "hf", {"pretrained": False, "name": None, "arch": "siglip", "config": {
             "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,

@@ -18,8 +18,10 @@ from typing import Any
 
 from seechat.errors import UserError
 
-FORMAT = 2  # 2: local references relative to the model directory; 1: as the recipe wrote them
-READABLE = (1, 2)
+# 3: encoder.feature_layer >= 0 indexes hidden states as LLaVA does (0 = the embeddings; it was
+# the block index before); 2: local references relative to the model directory; 1: as the recipe wrote them
+FORMAT = 3
+READABLE = (1, 2, 3)
 META = "seechat.json"
 # Keys of the model section that may refer to a local expert (or name a Hub model).
 REFERENCES = (("encoder", "name"), ("encoder", "pretrained"), ("llm", "name_or_path"), ("llm", "tokenizer"),
@@ -126,6 +128,10 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") not in READABLE:
         got = meta.get("format") if isinstance(meta, dict) else None
         raise ModelDirError(f"{meta_path}: format {got!r}, this seechat reads {', '.join(map(str, READABLE))}")
+    if meta["format"] < 3:  # a non-negative feature_layer counted blocks from 0: same layer, new number
+        for encoder in (meta["model"].get("encoder"), meta["stored"].get("encoder_config")):
+            if isinstance(encoder, dict) and isinstance(encoder.get("feature_layer"), int) and encoder["feature_layer"] >= 0:
+                encoder["feature_layer"] += 1
     if meta["format"] >= 2:  # relative references: to this directory, wherever it now lies
         meta["as_stored"] = meta["model"]
         meta["model"] = _map_references(

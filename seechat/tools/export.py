@@ -10,11 +10,13 @@ first. What does not: `pixel_shuffle` (Llava has no space-to-depth step), deeper
 (mlp3x_gelu...), Q-Former and resampler adapters, image boundary tokens; each raises
 `NotExpressibleError` naming the part.
 
-Image preprocessing is written as a `CLIPImageProcessor` with seechat's transform (shortest
-edge resize, bicubic; center crop; mean/std). Its PIL backend (`AutoProcessor.from_pretrained(
-OUT, backend="pil")`) reproduces seechat's pixels exactly (logits equal to ~1e-7); the default
-torchvision backend resizes with a slightly different bicubic kernel (pixels differ by ~1e-2
-on a resized image), so its logits differ slightly more.
+Image preprocessing is written as the encoder's own processor: a transformers tower's
+(`SiglipImageProcessor` for SigLIP: squash to S x S; `CLIPImageProcessor` for CLIP: shortest
+edge + crop), or a `CLIPImageProcessor` from an open_clip tower's preprocess_cfg. Its PIL
+backend (`AutoProcessor.from_pretrained(OUT, backend="pil")`) reproduces seechat's pixels
+exactly (logits equal to ~1e-7); the default torchvision backend resizes with a slightly
+different bicubic kernel (pixels differ by up to 2/255 before normalisation), so its logits
+differ slightly more.
 """
 from __future__ import annotations
 
@@ -25,9 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision import transforms as T
-from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-from transformers.image_utils import PILImageResampling
+from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.image_utils import SizeDict
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from seechat.models.adapters.mlp import MLPAdapter
@@ -110,9 +111,9 @@ def model_to_llava(model: SeeChatVLM) -> LlavaForConditionalGeneration:
     tower, has_cls = vision_tower_for_export(model.encoder)
     vision_config = tower.config
     encoder = model.encoder
-    # Llava indexes hidden_states (index 0 = embeddings, i + 1 = block i); seechat's
-    # layer_index is the block. Negative, as LLaVA writes it (-2 = penultimate block).
-    feature_layer = encoder.layer_index - vision_config.num_hidden_layers
+    # Llava indexes hidden_states (index 0 = embeddings, i + 1 = block i), as seechat does;
+    # written negative, as LLaVA writes it (-2 = penultimate block).
+    feature_layer = encoder.hidden_index - (vision_config.num_hidden_layers + 1)
     if has_cls:
         strategy = "full" if encoder.keep_cls else "default"
     else:  # SigLIP: no CLS; "default" would drop a real patch
@@ -151,31 +152,22 @@ def model_to_llava(model: SeeChatVLM) -> LlavaForConditionalGeneration:
     return llava
 
 
-def image_processor_for(model: SeeChatVLM) -> CLIPImageProcessor:
-    """A CLIPImageProcessor that does what the encoder's seechat transform does."""
-    steps = {type(t): t for t in getattr(model.encoder.transform, "transforms", [])}
-    resize, crop, norm = steps.get(T.Resize), steps.get(T.CenterCrop), steps.get(T.Normalize)
-    if resize is None or crop is None or norm is None or not isinstance(resize.size, int):
+def image_processor_for(model: SeeChatVLM):
+    """The transformers image processor whose pixels are the encoder's: a transformers tower's
+    own processor (SiglipImageProcessor for SigLIP: squash, no crop), or for an open_clip tower a
+    CLIPImageProcessor written from its preprocess_cfg."""
+    transform = model.encoder.transform
+    processor = transform.processor() if hasattr(transform, "processor") else None
+    if processor is None:
         raise NotExpressibleError(
-            f"the encoder's image transform {model.encoder.transform} is not shortest-edge resize + "
-            "center crop + normalise, which is what CLIPImageProcessor can express"
+            f"the encoder's image transform {transform} has no transformers image processor "
+            "(open_clip resize_mode 'longest' pads to a square, which CLIP/SigLIP processors cannot)"
         )
-    resample = {T.InterpolationMode.BICUBIC: PILImageResampling.BICUBIC,
-                T.InterpolationMode.BILINEAR: PILImageResampling.BILINEAR}[resize.interpolation]
-    height, width = crop.size
-    return CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": resize.size},
-        resample=resample,
-        do_center_crop=True,
-        crop_size={"height": height, "width": width},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[float(x) for x in norm.mean],
-        image_std=[float(x) for x in norm.std],
-        do_convert_rgb=True,
-    )
+    if getattr(processor, "crop_size", None) is None:  # (SigLIP) Llava's processor counts tokens from it
+        height, width = transform.output_size
+        processor.crop_size = SizeDict(height=height, width=width)  # (unused: no crop)
+        processor.do_center_crop = False
+    return processor
 
 
 def _hub_vision_prefix(out: Path) -> None:

@@ -24,6 +24,8 @@ class VisionEncoder(nn.Module):
     grid: tuple[int, int]
     num_patches: int
 
+    hidden_index: int  # index into the hidden states (0 = embeddings output), from feature_layer
+
     def __init__(self, feature_layer: int = -2, keep_cls: bool = False):
         super().__init__()
         self.feature_layer = feature_layer
@@ -43,18 +45,23 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError
 
     def _check_layer(self, num_layers: int) -> int:
-        """Map `feature_layer` (python-style index into the blocks' outputs) to a block index."""
-        index = self.feature_layer if self.feature_layer >= 0 else num_layers + self.feature_layer
-        if not 0 <= index < num_layers:
+        """Map `feature_layer` to an index into the tower's hidden states, LLaVA's convention:
+        `hidden_states[feature_layer]` where hidden_states[0] is the embeddings output (what the
+        first block reads) and hidden_states[i] block i-1's output, so 1 is the first block,
+        -1 the last and -2 the penultimate."""
+        count = num_layers + 1
+        index = self.feature_layer if self.feature_layer >= 0 else count + self.feature_layer
+        if not 0 <= index < count:
             raise ValueError(
                 f"encoder.feature_layer={self.feature_layer} is out of range for a tower with "
-                f"{num_layers} layers (valid: {-num_layers}..{num_layers - 1})"
+                f"{num_layers} layers (valid: {-count}..{num_layers}; 0 = the embeddings, -1 = the last block)"
             )
         return index
 
 
 def clip_style_transform(image_size: int, mean: tuple, std: tuple) -> T.Compose:
-    """Resize (bicubic) the short side, center-crop, normalise: what CLIP-family towers expect."""
+    """Resize (bicubic) the short side, center-crop, normalise: the VQ tokenizer's and the tiny
+    demo experts' transform (towers take theirs from their own processor config: transforms.py)."""
     return T.Compose(
         [
             T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),

@@ -5,7 +5,7 @@ a random-init tower is built from `config` overrides instead (tests, tiny demo e
 """
 from __future__ import annotations
 
-
+import logging
 from typing import Any
 
 import torch
@@ -16,10 +16,13 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from seechat.errors import UserError
+from seechat.models.encoders.base import VisionEncoder
+from seechat.models.encoders.transforms import ProcessorTransform, default_processor_config
 from seechat.models.pretrained import from_pretrained
-from seechat.models.encoders.base import VisionEncoder, clip_style_transform
+
+logger = logging.getLogger(__name__)
 
 # model_type -> (config class for random init, model class). Composite configs ("clip",
 # "siglip") are accepted because CLIPVisionModel.from_pretrained reads their vision part.
@@ -42,6 +45,7 @@ class HFVisionEncoder(VisionEncoder):
         keep_cls: bool = False,
         dtype: str | None = None,
         trust_remote_code: bool | None = False,
+        processor: dict[str, Any] | None = None,
     ):
         super().__init__(feature_layer, keep_cls)
         if pretrained:
@@ -70,9 +74,15 @@ class HFVisionEncoder(VisionEncoder):
         grid = cfg.image_size // cfg.patch_size
         self.grid = (grid, grid)
         self.num_patches = grid * grid + (1 if self.has_cls and keep_cls else 0)
-        self.layer_index = self._check_layer(cfg.num_hidden_layers)
-        mean, std = _normalisation(name if pretrained else None, self.has_cls)
-        self._transform = clip_style_transform(self.image_size, mean, std)
+        self.hidden_index = self._check_layer(cfg.num_hidden_layers)
+        arch = "clip" if self.has_cls else "siglip"
+        config = processor or _processor_config(name if pretrained else None, arch, self.image_size)
+        self._transform = ProcessorTransform(config)
+        if self._transform.output_size != (self.image_size, self.image_size):
+            raise UserError(
+                f"encoder {name or arch!r}: its image processor makes {self._transform.output_size} images, "
+                f"the tower reads {self.image_size}x{self.image_size}; fix the processor's size/crop_size"
+            )
 
     @property
     def transform(self):
@@ -87,13 +97,14 @@ class HFVisionEncoder(VisionEncoder):
             "config": self.tower.config.to_dict(),
             "feature_layer": self.feature_layer,
             "keep_cls": self.keep_cls,
+            "processor": self._transform.config,
         }
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.tower.parameters()).dtype
         out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-        # hidden_states[0] is the embedding output, so block i's output is hidden_states[i + 1].
-        features = out.hidden_states[self.layer_index + 1]
+        # hidden_states[0] is the embedding output, block i's output is hidden_states[i + 1].
+        features = out.hidden_states[self.hidden_index]
         if self.has_cls and not self.keep_cls:
             features = features[:, 1:]
         return features
@@ -103,18 +114,14 @@ def _dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
-def _normalisation(path: str | None, is_clip: bool) -> tuple[tuple, tuple]:
-    """Mean/std from the tower's saved image-processor config when there is one."""
+def _processor_config(path: str | None, arch: str, image_size: int) -> dict[str, Any]:
+    """The tower's own image-processor config (`preprocessor_config.json` beside the weights,
+    read with transformers' PIL backend), else the architecture's processor defaults."""
     if path:
         try:
             from transformers import AutoImageProcessor
 
-            proc = AutoImageProcessor.from_pretrained(path)
-            return tuple(proc.image_mean), tuple(proc.image_std)
-        except (OSError, ValueError, AttributeError):
-            pass
-    if is_clip:
-        return tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
-    return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # SigLIP's normalisation
-
-
+            return AutoImageProcessor.from_pretrained(path, backend="pil").to_dict()
+        except (OSError, ValueError, KeyError):
+            logger.info("encoder %s has no image processor config; using %s's defaults", path, arch)
+    return default_processor_config(arch, image_size)
