@@ -99,7 +99,7 @@ def _chat(args: argparse.Namespace) -> int:
     question = args.question or args.question_flag
     model = load(args.model)
     if question:
-        one_shot(model, question, args.image, max_new_tokens=args.max_new_tokens)
+        one_shot(model, question, args.image, max_new_tokens=args.max_new_tokens, images_dir=args.save_images)
         return 0
     return repl(model, args.image, max_new_tokens=args.max_new_tokens)
 
@@ -152,7 +152,7 @@ def _generate_image(args: argparse.Namespace) -> int:
     from seechat.inference.draw import draw_to_files
 
     for path in draw_to_files(args.model, args.prompt, args.out, n=args.n, temperature=args.temperature,
-                              top_k=args.top_k, seed=args.seed):
+                              top_k=args.top_k, seed=args.seed, cfg_scale=args.cfg):
         print(path)
     return 0
 
@@ -189,6 +189,8 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", nargs="?", default=None, help="one question (default: interactive session)")
     p.add_argument("--question", dest="question_flag", default=None, help="the question, as a flag")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--save-images", default=None, metavar="DIR",
+                   help="native models: the reply may hold images; write them to DIR (named in the text)")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -231,7 +233,8 @@ def _generate_image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="PNG path (with --n > 1: name-<i>.png)")
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes (0: all)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: none; e.g. 3)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -234,6 +234,10 @@ def test_generate_image_cli_writes_a_png(trained, tmp_path):
                  "--seed", "0"]) == 0
     with Image.open(out) as image:
         assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+    guided = tmp_path / "g.png"
+    assert main(["generate-image", "--model", str(trained["out"] / "final"), "draw a red shape", "--out", str(guided),
+                 "--cfg", "3", "--top-k", "20", "--temperature", "0.8", "--n", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("g-*.png")) == ["g-0.png", "g-1.png"]
 
 
 def test_stabiliser_switches(experts, vq_dir, native_data, tmp_path):

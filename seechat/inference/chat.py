@@ -18,9 +18,16 @@ HELP = "commands: /image PATH (attach to the next question), /reset, /help, /qui
 
 
 def one_shot(model: SeeChatVLM, question: str, images: Sequence[Any], out: TextIO | None = None,
-             max_new_tokens: int = 64) -> str:
-    """Answer one question, streaming the answer to `out` (default: the current stdout)."""
+             max_new_tokens: int = 64, images_dir: str | None = None) -> str:
+    """Answer one question, streaming the answer to `out` (default: the current stdout). With
+    `images_dir`, a native model's reply may hold images, written there (inference/draw.py)."""
     out = out or sys.stdout
+    if images_dir is not None:
+        from seechat.inference.draw import reply_with_images
+
+        answer = reply_with_images(model, question, images, images_dir, max_new_tokens=max_new_tokens)[0]
+        _write(out, answer + "\n")
+        return answer
     answer = model.chat(question, images=list(images), max_new_tokens=max_new_tokens,
                         on_text=lambda piece: _write(out, piece))
     _write(out, "\n")
