@@ -57,14 +57,15 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name:
           docs: bool = False) -> None:
     """Load the saved model at `model_dir` and serve it until interrupted. `keys` are added to
     SEECHAT_API_KEY's; a non-loopback `host` needs a key or `insecure_no_auth`."""
+    from seechat.inference.serve.auth import LOOPBACK_HOSTS, api_keys, check_exposure, is_loopback
+
+    keys = api_keys(keys)
+    check_exposure(host, keys, insecure_no_auth)  # before torch and the model load: a refusal is instant
     import uvicorn
 
-    from seechat.inference.serve.auth import LOOPBACK_HOSTS, api_keys, check_exposure, is_loopback
     from seechat.inference.serve.routes import create_app as build
     from seechat.models.kinds import load
 
-    keys = api_keys(keys)
-    check_exposure(host, keys, insecure_no_auth)  # before the model loads: a refusal is instant
     limits = limits or Limits(max_new_tokens=max_new_tokens)
     hosts = tuple(allowed_hosts) or LOOPBACK_HOSTS + (() if is_loopback(host) or host in ("0.0.0.0", "::") else (host,))
     name = model_name or Path(model_dir).resolve().name
