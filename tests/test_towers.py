@@ -213,3 +213,25 @@ def test_saved_non_negative_feature_layer_keeps_its_layer(tmp_path):
     meta["model"]["encoder"]["feature_layer"] = -2
     (tmp_path / "seechat.json").write_text(json.dumps(meta))
     assert read_meta(tmp_path)["model"]["encoder"]["feature_layer"] == -2
+
+
+# --- open_clip towers are built vision-only -----------------------------------------------
+
+def test_open_clip_never_builds_the_text_tower(experts, monkeypatch):
+    from safetensors.torch import load_file
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text tower (or the whole CLIP) was built")
+
+    for target in ("open_clip.model._build_text_tower", "open_clip.create_model", "open_clip.factory.create_model"):
+        monkeypatch.setattr(target, refuse)
+    # the fixture's checkpoint is a whole CLIP (text tower included): only visual.* is read
+    encoder = OpenCLIPVisionEncoder(**{k: v for k, v in experts["open_clip_encoder"].items() if k != "backend"})
+    state = encoder.tower.state_dict()
+    assert not [k for k in state if "token_embedding" in k or k.startswith("text")]
+    saved = load_file(experts["open_clip_encoder"]["pretrained"])
+    visual = {k[len("visual."):]: v for k, v in saved.items() if k.startswith("visual.")}
+    assert state.keys() == visual.keys() and all(torch.equal(state[k], visual[k]) for k in visual)
+    # ViT-bigG-14's vision tower, random init: its shapes, and still no text tower
+    big = OpenCLIPVisionEncoder("ViT-bigG-14", None, TINY_OPEN_CLIP)
+    assert big.grid == (16, 16) and len(big.tower.transformer.resblocks) == 2
