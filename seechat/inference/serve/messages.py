@@ -19,6 +19,7 @@ from typing import Any
 from seechat.data import SampleError, load_image
 from seechat.inference.serve.errors import APIError, log
 from seechat.inference.serve.limits import Limits, check_text
+from seechat.models.llm import IMAGE_TOKEN
 from seechat.models.prompting import user_text
 
 ROLES = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
@@ -107,6 +108,9 @@ def to_conversation(messages: list, image_dir: Path | None, limits: Limits,
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text", ""), str):
                 texts.append(check_text(part.get("text", ""), where))
+                if IMAGE_TOKEN in texts[-1]:  # the image marker: images come as image_url parts only
+                    raise APIError(400, f"{where}: text must not contain {IMAGE_TOKEN}; send images as image_url "
+                                        "parts", where)
                 chars += len(texts[-1])
             elif kind == "image_url" and role == "user":
                 if len(images) + len(turn_images) >= limits.max_images:
