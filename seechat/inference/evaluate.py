@@ -17,8 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from seechat.data import VLMCollator, encode_prompt, load_image, normalize_sample, read_llava_records
+from seechat.data import VLMCollator, load_image, normalize_sample, read_llava_records
+from seechat.inference.breakdown import breakdown
 from seechat.models.base import SeeChatVLM
+from seechat.models.prompting import prompt_ids
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -54,7 +56,7 @@ class PromptDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         prompt, _ = self.question_and_answer(index)
-        ids = encode_prompt(prompt, self.tokenizer, self.num_image_tokens)
+        ids = prompt_ids(self.tokenizer, prompt, self.num_image_tokens)  # control tokens only from the template
         images = [self.transform(load_image(i, self.image_root, sample["id"])) for i in sample["images"]]
         return {
             "id": sample["id"],
@@ -112,6 +114,7 @@ def evaluate(
                 "answer": answer,
                 "prediction": prediction,
                 "correct": bool(hit),
+                **({"type": records[i]["type"]} if isinstance(records[i], dict) and "type" in records[i] else {}),
             })
     if predictions_path:
         Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,8 @@ def evaluate_to_dir(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """`evaluate_file`, writing `predictions.jsonl` (or `predictions_path`) and `summary.json`
-    (accuracy, counts, timing, what was evaluated) to `output_dir`; returns the summary."""
+    (accuracy, counts, timing, what was evaluated, the breakdown by question group and the
+    commonest confusions: `breakdown.py`) to `output_dir`; returns the summary."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = Path(predictions_path) if predictions_path else out / "predictions.jsonl"
@@ -155,6 +159,8 @@ def evaluate_to_dir(
         "seconds": round(seconds, 3),
         "samples_per_s": result["n"] / seconds if seconds > 0 else None,
         "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, type(None)))},
+        "breakdown": breakdown([json.loads(line) for line in predictions.read_text().splitlines()],
+                               normalize_answer),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
