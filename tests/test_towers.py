@@ -235,3 +235,41 @@ def test_open_clip_never_builds_the_text_tower(experts, monkeypatch):
     # ViT-bigG-14's vision tower, random init: its shapes, and still no text tower
     big = OpenCLIPVisionEncoder("ViT-bigG-14", None, TINY_OPEN_CLIP)
     assert big.grid == (16, 16) and len(big.tower.transformer.resblocks) == 2
+
+
+# --- the resampler's 2-D sin-cos positions: the closed form at any grid ----------------------
+
+def closed_form(dim: int, side: int, grid: int) -> torch.Tensor:
+    """sin/cos of p * 10000^(-i/k) per axis, p the cell centre on the query grid (scalar math)."""
+    import math
+
+    k = dim // 4
+    rows = []
+    for y in range(side):
+        for x in range(side):
+            row = []
+            for p in ((y + 0.5) * grid / side - 0.5, (x + 0.5) * grid / side - 0.5):
+                angles = [p * 10000 ** (-i / k) for i in range(k)]
+                row += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+            rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_resampler_positions_are_the_closed_form_at_any_grid():
+    from seechat.models.adapters.resampler import ResamplerAdapter
+
+    adapter = ResamplerAdapter(in_dim=24, out_dim=16, grid_size=4, embed_dim=16, num_heads=2).eval()
+    native = closed_form(16, 4, 4)
+    assert (adapter.pos_embed - native).abs().max().item() < 1e-6  # queries: integer cells 0..3
+    assert (adapter.key_positions(4) - native).abs().max().item() < 1e-6
+    for side in (6, 7, 2):  # keys of other patch grids, in the query grid's coordinates
+        assert (adapter.key_positions(side) - closed_form(16, side, 4)).abs().max().item() < 1e-6, side
+    features = torch.randn(2, 1 + 7 * 7, 24)  # a CLS token, then a 7x7 grid
+    assert adapter(features).shape == (2, 16, 16)
+    # saved resampler files hold no table (never did): they load strictly, same outputs
+    state = adapter.state_dict()
+    assert not [k for k in state if "pos_embed" in k or "table" in k]
+    again = ResamplerAdapter(in_dim=24, out_dim=16, grid_size=4, embed_dim=16, num_heads=2).eval()
+    again.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(again(features), adapter(features))

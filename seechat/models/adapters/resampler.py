@@ -3,9 +3,12 @@
 patch features with ONE multi-head cross-attention; 2-D absolute sin-cos position embeddings
 are added to queries and keys so that the compression keeps track of where each patch was.
 
-Key positions come from the same table as the query positions, bicubically resized when the
-patch grid differs from the query grid (e.g. 32x32 patches of a 448-px ViT-bigG vs 16x16
-queries). Values carry no position, only content.
+Key positions are the same closed form, evaluated where each patch lies on the query grid: a
+side x side patch grid covering the image of a G x G query grid has its cell centres at
+(i + 0.5) * G / side - 0.5 (e.g. 32x32 patches of a 448-px ViT-bigG against 16x16 queries), so
+keys and queries at the same place of the image get the same angles. It is computed exactly
+for any grid (what resizing a G x G table would only approximate) and never stored: saved
+resampler files hold no position table. Values carry no position, only content.
 
 Unset sizes follow the experts (`derive`): width = LM width, heads = width / 128, and a query
 grid of min(16, patch grid side), since a resampler that emits more tokens than it reads
@@ -20,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seechat.models.adapters.base import Adapter, Experts, divisor_at_most, square_grid, unset
@@ -29,21 +31,24 @@ from seechat.models.adapters.base import Adapter, Experts, divisor_at_most, squa
 _QWEN_VL_GRID, _HEAD_DIM = 16, 128
 
 
-def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
+def sincos_2d(dim: int, height: int, width: int, extent: tuple[int, int] | None = None) -> torch.Tensor:
     """2-D sin-cos position table [height*width, dim], row-major (index = y*width + x).
 
     The first dim/2 channels encode the row y, the last dim/2 the column x; each half is
     [sin(p*w_0..w_{k-1}), cos(p*w_0..w_{k-1})] with w_i = 10000^(-i/k), k = dim/4
-    (the 1-D scheme of "Attention Is All You Need", once per axis)."""
+    (the 1-D scheme of "Attention Is All You Need", once per axis). Positions are the cell
+    indices (p = 0..height-1), or with `extent` = (rows, columns) of a reference grid, the cell
+    centres of this grid measured in that one: p = (i + 0.5) * rows / height - 0.5."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    rows, cols = extent or (height, width)
     k = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64),
-        torch.arange(width, dtype=torch.float64),
-        indexing="ij",
-    )
+
+    def coords(n: int, span: int) -> torch.Tensor:
+        return (torch.arange(n, dtype=torch.float64) + 0.5) * (span / n) - 0.5
+
+    ys, xs = torch.meshgrid(coords(height, rows), coords(width, cols), indexing="ij")
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
@@ -90,6 +95,7 @@ class ResamplerAdapter(Adapter):
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim)
         self.register_buffer("pos_embed", sincos_2d(dim, grid_size, grid_size), persistent=False)
+        self._key_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def num_tokens(self, n_patches: int) -> int:
         self._grid(n_patches)
@@ -107,11 +113,14 @@ class ResamplerAdapter(Adapter):
         return grid
 
     def key_positions(self, side: int) -> torch.Tensor:
+        """Sin-cos positions of a side x side patch grid on the query grid (exact, cached)."""
         if side == self.grid_size:
             return self.pos_embed
-        grid = self.pos_embed.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
-        return grid.permute(0, 2, 3, 1).reshape(side * side, -1)
+        device = self.pos_embed.device
+        if (side, device) not in self._key_tables:
+            table = sincos_2d(self.pos_embed.shape[1], side, side, extent=(self.grid_size, self.grid_size))
+            self._key_tables[(side, device)] = table.to(device)
+        return self._key_tables[(side, device)]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         side, cls = self._grid(features.shape[1])
