@@ -1,5 +1,5 @@
 """The `seechat` command: train, eval, chat, export, merge, serve, estimate, generate-image,
-compare. `seechat VERB --help` for each.
+compare, experts, data check. `seechat VERB --help` for each.
 
 Building the parser imports nothing heavy: torch, transformers, peft, accelerate, open_clip and
 fastapi load inside the verb that needs them, so `--help` answers at once. A mistake in the
@@ -32,7 +32,8 @@ Every path - MLP projector, Q-Former, resampler, native early fusion - trained o
 easy-VQA data under the same training-time budget, scored on the same test split
 (seechat/experiments/compare.py says how the budget is shared).
 
-    seechat compare                                   # recipes/compare.yaml, all test questions
+    seechat compare                                   # recipes/compare.yaml: every path x 3 seeds, all test questions
+    seechat compare --quick                           # smoke run (about a minute of training)
     seechat compare budget_seconds=20 eval_samples=300 output_dir=runs/compare_smoke results_dir=runs/compare_smoke
 
 Writes <results_dir>/compare.json, compare.md (table) and compare.png.
@@ -68,7 +69,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.compare:
+        from seechat.inference.breakdown import format_comparison, read_summary
+
+        a, b = (read_summary(p) for p in args.compare)
+        print(format_comparison(a, b, names=tuple(args.compare)))
+        return 0
+    for flag, value in (("--model", args.model), ("--data", args.data)):
+        if value is None:
+            raise UserError(f"{flag} is required (or give --compare A B to compare two evaluations)")
     _saved_model(args.model)
+    from seechat.data import SampleError
+    from seechat.inference.breakdown import format_report
     from seechat.inference.evaluate import evaluate_to_dir
     from seechat.models.kinds import load
 
@@ -77,12 +89,18 @@ def _eval(args: argparse.Namespace) -> int:
     # and may be read-only (a shared or downloaded checkpoint).
     where = Path(args.model).resolve()  # (".": the directory's own name, not an empty one)
     output_dir = args.output_dir or where.with_name(f"{where.name}-eval") / Path(args.data).stem
-    result = evaluate_to_dir(
-        model, args.data, output_dir, predictions_path=args.predictions, model_dir=args.model,
-        image_root=args.image_root, max_samples=args.max_samples,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-    )
-    print(json.dumps(result))
+    image_root = args.image_root or str(Path(args.data).resolve().parent)  # relative to the data file
+    try:
+        result = evaluate_to_dir(
+            model, args.data, output_dir, predictions_path=args.predictions, model_dir=args.model,
+            image_root=image_root, max_samples=args.max_samples,
+            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        )
+    except SampleError as err:
+        raise UserError(f"{str(err).replace('; relative path: set image_root', '')} (images are looked up under "
+                        f"--image-root {image_root}; pass --image-root DIR)") from err
+    print(format_report(result))
+    print(f"summary: {Path(output_dir) / 'summary.json'}")
     return 0
 
 
@@ -128,9 +146,20 @@ def _merge(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     _saved_model(args.model)
     from seechat.inference.serve import serve
+    from seechat.inference.serve.options import limits_from
 
     serve(args.model, host=args.host, port=args.port, model_name=args.model_name, image_dir=args.image_dir,
-          max_new_tokens=args.max_new_tokens)
+          limits=limits_from(args), keys=tuple(args.api_key), insecure_no_auth=args.insecure_no_auth,
+          allowed_hosts=tuple(args.allowed_host), docs=args.docs)
+    return 0
+
+
+def _webui(args: argparse.Namespace) -> int:
+    for model_dir in args.model:
+        _saved_model(model_dir)
+    from seechat.inference.webui import webui
+
+    webui(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -160,9 +189,30 @@ def _generate_image(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from seechat.experiments.compare import load_compare_config, main_run
 
-    results = main_run(load_compare_config(args.config, args.overrides))
+    results = main_run(load_compare_config(args.config, args.overrides, quick=args.quick))
     print((Path(results["config"]["results_dir"]) / "compare.md").read_text())
     return 0
+
+
+def _experts(args: argparse.Namespace) -> int:
+    from seechat.tools.experts.build import build_experts
+
+    info = build_experts(args.data, args.out, image_root=args.image_root, size=args.size, seed=args.seed,
+                         max_samples=args.max_samples, vision_epochs=args.vision_epochs,
+                         llm_epochs=args.llm_epochs, val=args.val, test=args.test)
+    print(json.dumps(info["seconds"]))
+    print(f"experts in {args.out}; next:\n  seechat train --config {info['recipes']['align']}\n"
+          f"  seechat train --config {info['recipes']['finetune']}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from seechat.config import load_recipe
+    from seechat.training.data_check import check_data, format_check
+
+    report = check_data(load_recipe(args.config, args.overrides), split=args.split)
+    print(format_check(report))
+    return 1 if report["problems"] else 0
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,15 +222,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="saved seechat model directory")
-    p.add_argument("--data", required=True, help="LLaVA JSON/JSONL with question/answer turns")
-    p.add_argument("--image-root", default=None)
+    p.add_argument("--model", help="saved seechat model directory")
+    p.add_argument("--data", help="LLaVA JSON/JSONL with question/answer turns")
+    p.add_argument("--image-root", default=None, help="where relative image paths start (default: the data file's directory)")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--output-dir", default=None,
                    help="where predictions.jsonl and summary.json go (default: MODEL-eval/<data file name>, beside MODEL)")
     p.add_argument("--predictions", default=None, help="write predictions.jsonl here instead")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                   help="print two evaluations (output directories or summary.json files) side by side")
 
 
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
@@ -218,13 +270,17 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="saved seechat model directory")
+    from seechat.inference.serve.options import add_serve_arguments  # light: no server import
+
+    add_serve_arguments(p)
+
+
+def _webui_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, action="append",
+                   help="saved seechat model directory; repeat it to show models side by side")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="the name clients ask for (default: the directory's name)")
-    p.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="answer length: the default and the cap on what a request may ask for")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-new-tokens", type=int, default=64)
 
 
 def _generate_image_arguments(p: argparse.ArgumentParser) -> None:
@@ -240,8 +296,33 @@ def _generate_image_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="comparison config (default: the recipes/compare.yaml seechat ships)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget_seconds=60 eval_samples=500 "
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget_seconds=60 eval_samples=500 seeds=[0] "
                                                 "experts=runs/demo/experts paths.native.overrides=[train.lr=1e-3]")
+    p.add_argument("--quick", action="store_true", help="smoke run: every path and step at a tiny budget, one seed "
+                                                        "(output in runs/compare_quick)")
+
+
+def _experts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="training LLaVA JSON/JSONL (the experts learn from it alone)")
+    p.add_argument("--out", required=True, help="directory for tokenizer/, vision/, llm/ and the recipes")
+    p.add_argument("--image-root", default=None, help="where relative image paths start (default: the data file's directory)")
+    p.add_argument("--size", default="small", choices=["tiny", "small"], help="preset (default: small)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, default=None, help="learn from the first N records")
+    p.add_argument("--vision-epochs", type=int, default=None, help="instead of the preset's")
+    p.add_argument("--llm-epochs", type=int, default=None, help="instead of the preset's")
+    p.add_argument("--val", default=None, help="data.val of the written recipes")
+    p.add_argument("--test", default=None, help="data.test of the written recipes")
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", required=True)
+    check = sub.add_parser("check", help="read the training data the way training will; exit 1 on problems",
+                           description="Counts, lengths, image sizes, supervised tokens and one rendered "
+                                       "sample; exits 1 when the data would waste a run.")
+    check.add_argument("--config", required=True, help="recipe YAML")
+    check.add_argument("--split", default="train", choices=["train", "val", "test"])
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=256")
 
 
 # verb -> (help, its arguments, what it runs)
@@ -254,10 +335,15 @@ VERBS = {
     "estimate": ("training memory per module (weights, grads, optimizer, activations)", _estimate_arguments,
                  _estimate),
     "serve": ("OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)", _serve_arguments, _serve),
+    "webui": ("a web page (Gradio) to ask one or more saved models about an image; native ones also draw",
+              _webui_arguments, _webui),
     "generate-image": ("draw an image from a prompt with a native (early-fusion) model", _generate_image_arguments,
                        _generate_image),
     "compare": ("train MLP / Q-Former / resampler / native under one time budget; compare them on easy-VQA",
                 _compare_arguments, _compare),
+    "experts": ("train offline experts (tokenizer, vision tower, LM) on your data; writes recipes", _experts_arguments,
+                _experts),
+    "data": ("data check: read the training set the way training will and report problems", _data_arguments, _data),
 }
 DESCRIPTIONS = {"compare": COMPARE_DESCRIPTION}
 
