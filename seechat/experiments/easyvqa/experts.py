@@ -3,7 +3,8 @@
 Nothing pretrained can be downloaded, so each expert is first trained the way its real
 counterpart was, at toy scale:
   tokenizer  byte-level BPE on the training questions and answers, ChatML template
-  vision     a CLIP ViT trained with CLIP's contrastive (InfoNCE) loss against captions made
+  vision     a SigLIP-architecture ViT (no CLS token) trained with CLIP's contrastive (InfoNCE)
+             loss through its attention-pooling head against captions made
              from the training answers ("red shape", "circle"); each image is scored against
              every distinct caption, so images sharing a caption are not pushed apart; random
              flips and shifts stand in for the variety of a web-scale image set
@@ -30,8 +31,8 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -42,8 +43,9 @@ from seechat.experiments.tiny import tiny_llm_config, train_tokenizer
 logger = logging.getLogger(__name__)
 
 # Bump when the way experts are made changes, so that runs/demo/experts made by an older
-# version are rebuilt instead of reused (2: the LM's init std 0.02 -> 0.1).
-EXPERTS_VERSION = 2
+# version are rebuilt instead of reused (2: the LM's init std 0.02 -> 0.1; 3: the vision tower is
+# SigLIP-shaped with 16-px patches, was CLIP with 8-px patches).
+EXPERTS_VERSION = 3
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -127,6 +129,28 @@ class _BagOfWordsText(nn.Module):
         return self.proj(torch.stack(rows))
 
 
+def vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 16) -> SiglipVisionConfig:
+    """The demo tower's shape (32-wide heads)."""
+    config = SiglipVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 32),
+    )
+    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
+    return config
+
+
+def llm_config(vocab_size: int, hidden_size: int = 192, layers: int = 4, heads: int = 3, init_std: float = 0.1):
+    """The demo LM's shape: Qwen2, 64-wide heads (vLLM's CPU attention refuses 16)."""
+    config = tiny_llm_config("qwen2", vocab_size, hidden_size=hidden_size, layers=layers, heads=heads)
+    # HF's default init (std 0.02) suits widths in the thousands. At width 192 it leaves the
+    # attention logits near zero, and the LM never learns to compare the question's word with
+    # the caption's: yes/no stayed at chance after 4 epochs (val, text only). With std 0.1
+    # (about 1.4/sqrt(width)) one epoch reaches 97-99%.
+    config.initializer_range = init_std
+    return config
+
+
 def build_vision(
     train_samples: list[dict],
     image_root: Path,
@@ -136,21 +160,19 @@ def build_vision(
     batch_size: int = 64,
     hidden_size: int = 128,
     layers: int = 4,
-    patch_size: int = 8,
+    # 16 px on 64 px images: a 4x4 grid, 16 image tokens, about what pixel_shuffle: 2 gave on
+    # 8-px patches (17), but in the tower itself, so stock Llava (vLLM) can hold the model. No
+    # CLS token (SigLIP): llama.cpp's CLIP graph puts CLS last and drops the first patch
+    # (llama.cpp issue 25814), so only a CLS-free tower answers there as it does here.
+    patch_size: int = 16,
     lr: float = 1e-3,
     augment: bool = True,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-) -> CLIPVisionModel:
+) -> SiglipVisionModel:
     """`dtype`: autocast dtype (None: fp32)."""
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden_size // 32), projection_dim=hidden_size,
-    )
-    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
-    tower = CLIPVisionModel(config)
+    tower = SiglipVisionModel(vision_config(hidden_size, layers, patch_size))
     visual_proj = nn.Linear(hidden_size, hidden_size, bias=False)
     color_caps = [f"{c} shape" for c in COLORS]
     shape_caps = list(SHAPES)
@@ -208,12 +230,7 @@ def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str,
     LLM already can. Stitching then has to map images to what those words mean to it (the
     align stage), not to teach it yes/no logic from pixels."""
     torch.manual_seed(seed)
-    config = tiny_llm_config("qwen2", len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads)
-    # HF's default init (std 0.02) suits widths in the thousands. At width 192 it leaves the
-    # attention logits near zero, and the LM never learns to compare the question's word with
-    # the caption's: yes/no stayed at chance after 4 epochs (val, text only). With std 0.1
-    # (about 1.4/sqrt(width)) one epoch reaches 97-99%.
-    config.initializer_range = init_std
+    config = llm_config(len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads, init_std=init_std)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")  # eager: faster on CPU here
     texts: list[tuple[str, str]] = []
     for image, question, answer in pairs:

@@ -1,0 +1,89 @@
+"""A tiny model of the embedded default's exact shape, built in seconds: the demo's tower and LM
+configs (seechat/experiments/easyvqa/experts.py: SigLIP-shaped, 16-px patches on 64-px images;
+Qwen2, 64-wide heads) at random init, stitched by the default recipe (recipes/easyvqa_align.yaml),
+with the adapter randomised. Used by the export tests (llava-hf, GGUF, vLLM)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForCausalLM, CLIPImageProcessor, SiglipVisionModel
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from seechat import build_model, resources
+from seechat.config import load_recipe
+from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, vision_config
+from seechat.experiments.tiny import train_tokenizer
+from seechat.models.kinds import stage_modes
+
+QUESTIONS = ["What color is the shape?", "What shape is in the image?", "Is there a red shape?",
+             "Does the image not contain a circle?"]
+CORPUS = [f"{c} {s}\n{q}" for c in COLORS for s in SHAPES for q in QUESTIONS] + list(COLORS + SHAPES) + \
+    ["yes", "no", "user\n", "assistant\n"] * 20
+
+
+def default_shaped_model(root: Path, seed: int = 0) -> Path:
+    """Experts of the demo's shapes under root/experts, the stitched model saved to root/model."""
+    torch.manual_seed(seed)
+    experts = root / "experts"
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300, template="chatml")
+    SiglipVisionModel(vision_config()).save_pretrained(experts / "vision")
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                       image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(experts / "vision")
+    llm = AutoModelForCausalLM.from_config(llm_config(len(tokenizer)), attn_implementation="eager")
+    llm.save_pretrained(experts / "llm")
+    tokenizer.save_pretrained(experts / "llm")
+    recipe = load_recipe(resources.recipe_file("easyvqa_align.yaml"),
+                         [f"model.encoder.name={experts / 'vision'}", f"llm.name_or_path={experts / 'llm'}"])
+    model = build_model(recipe["model"], stage_modes("align", recipe["model"]))
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(root / "model")
+    return root / "model"
+
+
+def shape_images(root: Path, n: int) -> list[tuple[str, str]]:
+    """n (64x64 png path, question) pairs: one coloured shape on white each, as easy-VQA draws."""
+    root.mkdir(parents=True, exist_ok=True)
+    palette = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (10, 10, 10), (128, 128, 128), (0, 128, 128),
+               (140, 80, 20), (230, 220, 30)]
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
+        x, y, r = 8 + (i * 7) % 24, 10 + (i * 5) % 20, 12 + i % 9
+        box, color = [x, y, x + 2 * r, y + 2 * r], palette[i % len(palette)]
+        draw = ImageDraw.Draw(image)
+        [draw.ellipse, draw.rectangle, lambda b, fill: draw.polygon([(b[0], b[3]), (b[2], b[3]), ((b[0] + b[2]) // 2, b[1])], fill=fill)][i % 3](box, fill=color)
+        path = root / f"img{i}.png"
+        image.save(path)
+        out.append((str(path), QUESTIONS[i % len(QUESTIONS)]))
+    return out
+
+
+def seechat_answers(model, pairs: list[tuple[str, str]], max_new_tokens: int = 4, batch_size: int = 32) -> list[str]:
+    """Greedy answers, batched, through the same prepare -> generate -> decode path `seechat eval` uses."""
+    answers = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i: i + batch_size]
+        batch = model.prepare([q for _, q in chunk], images=[[p] for p, _ in chunk])
+        with torch.no_grad():
+            answers += model.decode(model.generate(**batch, max_new_tokens=max_new_tokens))
+    return [a.strip() for a in answers]
+
+
+def demo_test_pairs(n: int) -> list[tuple[str, str]] | None:
+    """The first n easy-VQA test questions (image path, question) when the demo data is here."""
+    test = Path("data/generated/easyvqa/test.json")
+    if not test.is_file():
+        return None
+    rows = json.loads(test.read_text())
+    pairs = []
+    for row in rows:
+        turns = row["conversations"]
+        pairs.append((str(test.parent / row["image"]), turns[0]["value"].replace("<image>", "").strip()))
+        if len(pairs) == n:
+            break
+    return pairs
