@@ -117,19 +117,18 @@ def config_transform(config) -> LogitTransform:
 
 def _probe_matches(llm: nn.Module, transform: LogitTransform) -> bool:
     """Whether head + `transform` on the decoder's output gives the LM's own logits on a few
-    tokens (eval mode, no grad; every module's train/eval mode is put back)."""
-    vocab = llm.get_input_embeddings().weight.shape[0]
-    ids = (torch.arange(8) * 7919 % vocab).unsqueeze(0).to(llm.get_input_embeddings().weight.device)
-    modes = [(m, m.training) for m in llm.modules()]
-    llm.eval()
-    try:
-        with torch.no_grad():
-            ref = llm(input_ids=ids, use_cache=False).logits
-            hidden = llm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-            ours = transform(llm.get_output_embeddings()(hidden)).float()
-    finally:
-        for module, training in modes:
-            module.training = training
+    tokens. No grad, and in the mode the LM is in: both passes draw the same dropout masks from
+    one seed (the caller's RNG state is put back). Switching to eval would make bitsandbytes
+    repack 4-bit weights for CPU inference, after which no gradient flows through them."""
+    weight = llm.get_input_embeddings().weight
+    ids = (torch.arange(8) * 7919 % weight.shape[0]).unsqueeze(0).to(weight.device)
+    devices = [weight.device] if weight.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        ref = llm(input_ids=ids, use_cache=False).logits
+        torch.manual_seed(0)
+        hidden = llm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        ours = transform(llm.get_output_embeddings()(hidden)).float()
     tol = 1e-4 if ref.dtype == torch.float32 else 3e-2
     ref = ref.float()
     return ours.shape == ref.shape and bool((ours - ref).abs().max() <= tol * (1.0 + ref.abs().max()))
