@@ -273,3 +273,38 @@ def test_resampler_positions_are_the_closed_form_at_any_grid():
     again.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert torch.equal(again(features), adapter(features))
+
+
+# --- SigLIP 2 (NaFlex): a fixed square grid -----------------------------------------------
+
+def test_siglip2_naflex_tower_on_a_fixed_grid(tmp_path):
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    from seechat.tools.clip_convert import NotExpressibleError, vision_tower_for_export
+
+    tower = Siglip2VisionModel(Siglip2VisionConfig(patch_size=16, num_patches=16, **TINY)).eval()
+    tower.save_pretrained(tmp_path / "siglip2")
+    (tmp_path / "siglip2" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Siglip2ImageProcessor", "patch_size": 16, "max_num_patches": 64,
+         "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    encoder = HFVisionEncoder(str(tmp_path / "siglip2"), pretrained=True, feature_layer=-1).eval()
+    assert encoder.image_size == 128 and encoder.grid == (8, 8) and encoder.num_patches == 64
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "siglip2", backend="pil")
+    rng = np.random.default_rng(1)
+    # NaFlex gives a square image the full 8x8 grid: there, its patches are ours exactly
+    for side in (7, 70, 300):
+        image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        theirs = processor(images=image, return_tensors="pt")
+        assert theirs["spatial_shapes"].tolist() == [[8, 8]] and theirs["pixel_attention_mask"].all()
+        pixels = encoder.transform(image).unsqueeze(0)
+        from seechat.models.encoders.hf import _patches
+
+        assert torch.equal(_patches(pixels, 16)["pixel_values"], theirs["pixel_values"]), side
+        with torch.no_grad():
+            expected = tower(**theirs, output_hidden_states=True).hidden_states[-1]
+            assert (encoder(pixels) - expected).abs().max().item() < 1e-5
+    # a 70x45 image: NaFlex keeps the aspect (another grid); seechat squashes to 8x8 (documented)
+    wide = processor(images=Image.new("RGB", (70, 45)), return_tensors="pt")["spatial_shapes"].tolist()
+    assert wide != [[8, 8]]
+    with pytest.raises(NotExpressibleError, match="Siglip2"):
+        vision_tower_for_export(encoder)

@@ -27,6 +27,9 @@ class NotExpressibleError(UserError, ValueError):
 def vision_tower_for_export(encoder: VisionEncoder) -> tuple[PreTrainedModel, bool]:
     """(the encoder as a transformers vision model, whether it emits a leading CLS token).
     A transformers tower is returned as is (shared, not copied)."""
+    if isinstance(encoder, HFVisionEncoder) and getattr(encoder, "naflex", False):
+        raise NotExpressibleError("a Siglip2 (NaFlex) tower takes patches and spatial shapes; Llava's vision "
+                                  "tower takes [B, 3, H, W] pixels, so this model cannot be written as llava-hf")
     if isinstance(encoder, HFVisionEncoder):
         return encoder.tower, encoder.has_cls
     if isinstance(encoder, OpenCLIPVisionEncoder):

@@ -119,8 +119,10 @@ def default_processor_config(arch: str, image_size: int) -> dict[str, Any]:
     """The processor a random-init (or processor-less) tower of `arch` gets: that architecture's
     processor class with its defaults at the tower's input size (CLIP: shortest edge + crop;
     SigLIP: squash to S x S)."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
+    from transformers import CLIPImageProcessor, Siglip2ImageProcessor, SiglipImageProcessor
 
+    if arch == "siglip2":  # NaFlex: patch_size / max_num_patches (hf.py makes it a fixed grid)
+        return Siglip2ImageProcessor().to_dict()
     if arch == "siglip":
         proc = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     else:
