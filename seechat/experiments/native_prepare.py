@@ -4,7 +4,12 @@
    error and codebook usage on held-out test images (`<out>/vq/metrics.json`);
 2. the training conversations plus text -> image samples (`<out>/train_native.json`): for each
    training image whose color and shape the training answers determine (seechat.experiments.easyvqa.experts),
-   "draw a <color> <shape>" answered by the image itself, so the model learns to draw.
+   "draw a <color> <shape>" answered by the image itself, so the model learns to draw
+   (`draw_repeats` copies of each: the drawings are otherwise ~7% of the file), and with
+   `image_only` one image-only sample per training image (an empty prompt answered by the image:
+   the images' own distribution, every code a target, Chameleon's image documents).
+
+The codes of the questions' images are targets too with the recipe's `model.native.user_image_weight`.
 
     python -m seechat.experiments.native_prepare --data data/generated/easyvqa --out runs/native
 """
@@ -38,9 +43,28 @@ def caption_samples(samples: Sequence[dict]) -> list[dict]:
     return out
 
 
+def image_only_samples(images: Sequence[str]) -> list[dict]:
+    """One sample per image: an empty user turn answered by the image alone."""
+    return [{"id": f"image-{image}", "image": image, "conversations": [
+        {"from": "human", "value": ""}, {"from": "gpt", "value": "<image>"}]} for image in sorted(set(images))]
+
+
+def training_mix(train: list[dict], multiturn: list[dict], draw_repeats: int = 1,
+                 image_only: bool = False) -> tuple[list[dict], dict[str, int]]:
+    """The native training file: the VQA conversations, the drawings (x `draw_repeats`, ids made
+    unique) and optionally the image-only samples; with the count of each."""
+    if draw_repeats < 0:
+        raise ValueError(f"draw_repeats={draw_repeats} must be >= 0")
+    draws = caption_samples(multiturn)
+    repeated = [{**d, "id": f"{d['id']}-{r}" if r else d["id"]} for r in range(draw_repeats) for d in draws]
+    images = image_only_samples([s["image"] for s in multiturn]) if image_only else []
+    return train + repeated + images, {"vqa": len(train), "draw": len(repeated), "image_only": len(images)}
+
+
 def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 12, vq_config: dict | None = None,
                    heldout_images: int = 500, mixed_precision: str = "auto", seed: int = 0,
-                   vq_max_seconds: float | None = None) -> dict[str, Any]:
+                   vq_max_seconds: float | None = None, draw_repeats: int = 1,
+                   image_only: bool = False) -> dict[str, Any]:
     """Train the VQ tokenizer and write the native training file; returns paths and metrics.
     Reuses `<out>/vq` when its metrics file says it was made with the same settings."""
     data, out = Path(data_dir), Path(out_dir)
@@ -66,11 +90,11 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
                    "settings": settings}
         vq.save_pretrained(out / "vq")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")  # written last: marks the VQ complete
-    train = json.loads((data / "train_balanced.json").read_text())
-    draws = caption_samples(json.loads((data / "train_multiturn.json").read_text()))
-    (out / "train_native.json").write_text(json.dumps(train + draws))
+    samples, mix = training_mix(json.loads((data / "train_balanced.json").read_text()),
+                                json.loads((data / "train_multiturn.json").read_text()), draw_repeats, image_only)
+    (out / "train_native.json").write_text(json.dumps(samples))
     return {"vq": str(out / "vq"), "train": str(out / "train_native.json"), "vq_metrics": metrics,
-            "draw_samples": len(draws), "vq_seconds": vq_seconds}
+            "draw_samples": mix["draw"], "mix": mix, "vq_seconds": vq_seconds}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", default="data/generated/easyvqa")
     parser.add_argument("--out", default="runs/native")
     parser.add_argument("--vq-epochs", type=int, default=12)
+    parser.add_argument("--draw-repeats", type=int, default=1, help="copies of each drawing sample")
+    parser.add_argument("--image-only", action="store_true", help="add one image-only sample per training image")
     args = parser.parse_args(argv)
-    result = prepare_native(args.data, args.out, vq_epochs=args.vq_epochs)
+    result = prepare_native(args.data, args.out, vq_epochs=args.vq_epochs, draw_repeats=args.draw_repeats,
+                            image_only=args.image_only)
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
     return 0
 

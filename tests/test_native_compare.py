@@ -1,0 +1,89 @@
+"""`seechat compare --quick` end to end on tiny experts and a tiny easy-VQA-shaped set: every path
+(three stitched, native grown from the text LM, native from scratch) trains, is scored, and the
+native drawings and the VQ reconstructions are judged; the result files hold the table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import CLIPVisionModel
+
+from seechat.cli import main
+from seechat.experiments.easyvqa.experts import COLORS, SHAPES
+from seechat.experiments.tiny import tiny_clip_vision_config
+
+RGB = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "black": (10, 10, 10),
+       "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (140, 80, 20), "yellow": (230, 220, 30)}
+
+
+def easyvqa_like(root: Path) -> None:
+    """Every (color, shape) once for training and a few for the test; 'what color/shape' questions."""
+    (root / "images").mkdir(parents=True)
+    split = {"train": [], "test": []}
+    for i, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+        image = Image.new("RGB", (32, 32), "white")
+        box = [6 + i % 4, 6, 24, 24 - i % 3]
+        draw = ImageDraw.Draw(image)
+        if shape == "circle":
+            draw.ellipse(box, fill=RGB[color])
+        elif shape == "rectangle":
+            draw.rectangle(box, fill=RGB[color])
+        else:
+            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=RGB[color])
+        image.save(root / "images" / f"{i}.png")
+        for part in ("train", "test") if i % 3 == 0 else ("train",):
+            split[part].append({"id": f"{part}{i}", "image": f"images/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": color},
+                {"from": "human", "value": "what shape is in the image?"}, {"from": "gpt", "value": shape}]})
+
+    def single(samples):  # one question per sample, as train_balanced.json / test.json hold them
+        return [{"id": f"{s['id']}-{k}", "image": s["image"], "conversations": [
+            {"from": "human", "value": "<image>\n" + s["conversations"][2 * k]["value"].replace("<image>\n", "")},
+            s["conversations"][2 * k + 1]]} for s in samples for k in (0, 1)]
+
+    (root / "train_multiturn.json").write_text(json.dumps(split["train"]))
+    (root / "train_balanced.json").write_text(json.dumps(single(split["train"])))
+    (root / "val.json").write_text(json.dumps(single(split["test"])[:4]))
+    (root / "test.json").write_text(json.dumps(single(split["test"])))
+
+
+@pytest.mark.slow
+def test_compare_quick_runs_every_path_and_writes_the_table(experts, tmp_path, capsys):
+    torch.manual_seed(0)
+    kit = tmp_path / "experts"
+    kit.mkdir()
+    CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(kit / "vision")
+    (kit / "tokenizer").symlink_to(experts["tokenizer"])
+    (kit / "llm").symlink_to(experts["qwen2"])
+    easyvqa_like(tmp_path / "data")
+    out = tmp_path / "compare"
+    assert main(["compare", "--quick", f"experts={kit}", f"data_dir={tmp_path / 'data'}", f"output_dir={out}",
+                 f"results_dir={out}", "native.vq_config={channels: 8, downsample: 2, levels: [5, 5, 5]}",
+                 "native.vq_config.image_size=16", "generation.reconstructions=4"]) == 0
+    results = json.loads((out / "compare.json").read_text())
+    rows = results["rows"]
+    assert list(rows) == ["mlp", "qformer", "resampler", "native", "native_scratch"]
+    assert [(r["path"], r["seed"]) for r in results["runs"]] == [(p, 0) for p in rows]
+    assert all(r["n"] == 16 and r["accuracy"]["values"] == [r["accuracy"]["mean"]] for r in rows.values())
+    assert rows["native"]["starts_from"] == "the text LM, vocabulary grown by the VQ codes"
+    assert rows["native_scratch"]["starts_from"].startswith("nothing: LM from scratch")
+    assert rows["native"]["image_tokens"] == rows["native_scratch"]["image_tokens"] == 4 * 4 + 2
+    assert rows["mlp"]["image_tokens"] == 16 and rows["qformer"]["image_tokens"] == 16
+    # the grown native LM has the text LM's width; the one from scratch the recipe's llm.config
+    grown, scratch = (json.loads((Path(results["runs"][i]["final"]) / "llm" / "config.json").read_text())
+                      for i in (3, 4))
+    assert grown["hidden_size"] == 64 and grown["model_type"] == "qwen2"
+    assert scratch["hidden_size"] == 192 and scratch["model_type"] == "qwen3"
+    for name in ("native", "native_scratch"):
+        drawn = rows[name]["drawn"]
+        assert set(drawn) == {"color", "shape", "both"} and 0 <= drawn["both"]["mean"] <= 1
+        assert len(list((out / "seed0" / name / "drawn").glob("*.png"))) == 24
+    assert results["vq_judged"]["reconstructions"]["images"] == 4
+    assert results["native_mix"] == {"vqa": 48, "draw": 2 * 24, "image_only": 0}
+    table = (out / "compare.md").read_text()
+    assert table in capsys.readouterr().out and "| native_scratch (none (early fusion)) | nothing" in table
+    with Image.open(out / "compare.png") as image:
+        assert image.size[0] > 300
