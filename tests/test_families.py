@@ -302,3 +302,35 @@ def test_qwen3_named_template_thinks_only_when_asked(family_dirs):
         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=True).endswith("<|im_start|>assistant\n")
+
+
+# --- export to transformers' Llava --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", CASES)
+def test_export_to_llava_gives_our_logits_or_is_refused(family, family_dirs, experts, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from seechat import load
+    from seechat.tools.export import NotExpressibleError, export_llava_hf
+
+    model = vlm(family, family_dirs, experts, llm_mode="lora", lora={"r": 4})
+    with torch.no_grad():  # random adapter and LoRA weights, so a wrong mapping shows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "model")
+    if not family.llava:
+        with pytest.raises(NotExpressibleError, match="transforms its logits"):
+            export_llava_hf(tmp_path / "model", tmp_path / "llava")
+        return
+    out = export_llava_hf(tmp_path / "model", tmp_path / "llava")
+    ours = load(tmp_path / "model")
+    batch = sample_batch(ours)
+    llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        mine = ours(batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        theirs = llava(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    assert (mine - theirs).abs().max().item() <= 1e-4
+    assert sorted(llava.generation_config.eos_token_id) == stop_token_ids(ours.tokenizer)

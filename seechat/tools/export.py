@@ -33,7 +33,8 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from seechat.models.adapters.mlp import MLPAdapter
 from seechat.tools.clip_convert import NotExpressibleError, vision_tower_for_export
-from seechat.data.tokenization import boundary_ids
+from seechat.data.tokenization import boundary_ids, stop_token_ids
+from seechat.models.loss import config_transform
 from seechat.models.llm import IMAGE_TOKEN
 from seechat.tools.merge import merge_lora
 from seechat.models.base import SeeChatVLM
@@ -106,6 +107,12 @@ def model_to_llava(model: SeeChatVLM) -> LlavaForConditionalGeneration:
         )
     merge_lora(model)
     llm = model.base_llm
+    transform = config_transform(llm.config)
+    if not transform.identity:  # Llava's lm_head is applied as is
+        raise NotExpressibleError(
+            f"the LM ({llm.config.model_type}) transforms its logits ({transform}: final_logit_softcapping, "
+            "logit_scale or logits_scaling); LlavaForConditionalGeneration does not, so the export would answer differently"
+        )
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector, act = _projector(model.adapter, d_llm)
     tower, has_cls = vision_tower_for_export(model.encoder)
@@ -215,7 +222,7 @@ def export_llava_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
             # Llava's processor counts (H/p)*(W/p) + this, minus one for "default" (CLS dropped).
             num_additional_image_tokens=1 if cfg.vision_config.model_type == "clip_vision_model" else 0,
         )
-        eos = tokenizer.eos_token_id
+        eos = stop_token_ids(tokenizer)  # eos and the template's end token (<end_of_turn>, <|eot_id|>)
         llava.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=eos,
