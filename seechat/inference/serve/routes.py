@@ -204,7 +204,7 @@ def create_app(model: Any, model_name: str, image_dir: str | Path | None = None,
             scheduler.release()
             raise
         job = scheduler.submit(ids, pixels, budget, sampling_of(params, model.device), params.stops,
-                               limits.request_timeout, rid)
+                               limits.request_timeout, rid, streaming=params.stream)
         meta = {"id": f"chatcmpl-{rid.removeprefix('req_')}", "created": int(time.time()), "model": model_name}
         return await _answer(request, job, params, meta, scheduler)
 

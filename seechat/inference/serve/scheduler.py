@@ -76,6 +76,7 @@ class Job:
     request_id: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     timed_out: bool = False
+    streaming: bool = True
 
     def send(self, kind: str, value: Any) -> None:
         try:
@@ -85,7 +86,7 @@ class Job:
 
     def finish(self) -> None:
         piece = self.answer.finish()
-        if piece:
+        if piece and self.streaming:
             self.send("text", piece)
         reason = "length" if self.timed_out or self.seq.finish == "length" else "stop"
         self.send("done", Result(self.answer.text, len(self.seq.ids), len(self.seq.tokens), reason))
@@ -118,15 +119,15 @@ class Scheduler:
             self.reserved -= 1
 
     def submit(self, ids: list[int], pixels: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
-               stops: list[str], timeout: float, request_id: str) -> Job:
+               stops: list[str], timeout: float, request_id: str, streaming: bool = True) -> Job:
         """Queue a prepared request (its place was reserved); its events arrive on `job.events`."""
         answer = AnswerText(self.model.tokenizer, stops)
         seq = Sequence(ids, pixels, max_new_tokens, sampling)
-        job = Job(seq, answer, asyncio.get_running_loop(), time.monotonic() + timeout, request_id)
+        job = Job(seq, answer, asyncio.get_running_loop(), time.monotonic() + timeout, request_id, streaming=streaming)
 
         def on_token(token: int) -> bool:
             piece = answer.push(token)
-            if piece:
+            if piece and streaming:  # a whole answer needs no pieces: one event at the end
                 job.send("text", piece)
             return answer.stopped
 
