@@ -85,6 +85,8 @@ class Job:
             pass
 
     def finish(self) -> None:
+        if self.seq.on_token is None:  # nothing was followed token by token
+            self.answer.deltas.tokens = list(self.seq.tokens)
         piece = self.answer.finish()
         if piece and self.streaming:
             self.send("text", piece)
@@ -131,7 +133,8 @@ class Scheduler:
                 job.send("text", piece)
             return answer.stopped
 
-        seq.on_token = on_token
+        if streaming or stops:  # otherwise the text is decoded once, at the end
+            seq.on_token = on_token
         with self.condition:
             self.reserved -= 1
             self.waiting.append(job)
