@@ -87,3 +87,21 @@ def test_compare_quick_runs_every_path_and_writes_the_table(experts, tmp_path, c
     assert table in capsys.readouterr().out and "| native_scratch (none (early fusion)) | nothing" in table
     with Image.open(out / "compare.png") as image:
         assert image.size[0] > 300
+
+
+def test_vq_sweep_table_with_the_pixel_judge(tmp_path):
+    from seechat.experiments.vq_sweep import sweep, table
+
+    easyvqa_like(tmp_path / "data")
+    rows = sweep(tmp_path / "data", tmp_path / "sweep", ["8x8-1000", "16x16-1000"], epochs=1, max_seconds=20,
+                 judged_images=8, pixel_judge=True)
+    assert [(r["codes_per_image"], r["codebook_size"]) for r in rows.values()] == [(64, 1000), (256, 1000)]
+    for r in rows.values():
+        assert r["pixel_judged"]["images"] == r["pixel_judged_originals"]["images"] == 8
+        assert 0 <= r["pixel_judged"]["both"] <= min(r["pixel_judged"]["color"], r["pixel_judged"]["shape"]) <= 1
+    text = table(rows)
+    assert text.splitlines()[2].startswith("| 8x8-1000 | 64 | 1000 | 638 |")  # 64 x log2(1000) bits
+    assert "| 16x16-1000 | 256 | 1000 | 2551 |" in text and "(pixel judge: " in text
+    assert (tmp_path / "sweep" / "vq_sweep.md").read_text() == text
+    again = sweep(tmp_path / "data", tmp_path / "sweep", ["8x8-1000"], epochs=1)  # trained tokenizers are reused
+    assert again["8x8-1000"]["train_seconds"] == rows["8x8-1000"]["train_seconds"]
