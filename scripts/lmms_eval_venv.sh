@@ -17,7 +17,8 @@ mkdir -p "$(dirname "$VENV")"
 "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip >&2
-"${PIP[@]}" install "lmms-eval==$VERSION" >&2
+# filelock<4: lmms-eval 0.7.3 patches filelock._api, a module filelock 4 no longer has
+"${PIP[@]}" install "lmms-eval==$VERSION" "filelock<4" >&2
 "$VENV/bin/python" -c "import lmms_eval, importlib.metadata as m; print('lmms-eval', m.version('lmms-eval'))" >&2
 echo "built in $(( $(date +%s) - start )) s" >&2
 touch "$STAMP"
