@@ -6,9 +6,11 @@ LM, random init, stitched by recipes/easyvqa_align.yaml), plus a hostile mix.
     .venv/bin/python benchmarks/serve.py [--clients 1 4 16 32 --requests 4 --tokens 32]
 
 Each server is a `seechat serve` subprocess on loopback, driven by closed-loop clients (threads,
-httpx): every client sends `--requests` requests one after another, each an easy-VQA-like question
+httpx): every client sends `--requests` requests one after another (default max(2, 16 / clients)), each an easy-VQA-like question
 about a 64x64 image (data URL) asking for `--tokens` greedy tokens. Reported per mode and client
-count: requests/s, completion tokens/s, latency p50/p95/p99; and the ratios batched/serial.
+count: requests/s, completion tokens/s, latency p50/p95/p99; and the ratios batched/serial. Both
+servers run side by side and the modes alternate in `--rounds` rounds per level (the median
+round counts), so a change in the machine's load during the run reaches both.
 The hostile mix: 500 requests from 16 clients, 10% of them oversized or malformed (a 17 MiB body,
 60 KB of text, 1,000 messages, 40 4096x4096 PNGs, bad JSON, NaN temperature, a lone surrogate,
 max_tokens 10^9, a forged turn is valid); every valid request must be answered, none may get a
@@ -225,30 +227,40 @@ def hostile_mix(server: Server, n: int, clients: int, tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--requests", type=int, default=4, help="requests per client at each level")
+    parser.add_argument("--requests", type=int, default=0, help="requests per client (default: max(2, 16 / clients))")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per level, the modes alternating; the median counts")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="each server's torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--hostile", type=int, default=500)
     parser.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     args = parser.parse_args()
-    results: dict = {"provenance": provenance(), "settings": vars(args), "modes": {}}
+    results: dict = {"provenance": provenance(), "settings": vars(args), "load_average_at_start": os.getloadavg(),
+                     "modes": {"serial": [], "batched": []}, "rounds": []}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = default_shaped_model(Path(tmp))
-        for mode, max_batch in (("serial", 1), ("batched", args.max_batch)):
-            server = Server(model_dir, max_batch, args.threads)
-            try:
+        servers = {"serial": Server(model_dir, 1, args.threads), "batched": Server(model_dir, args.max_batch, args.threads)}
+        try:
+            for server in servers.values():
                 load_level(server.base, 2, 2, args.tokens)  # warm-up
-                levels = []
-                for clients in args.clients:
-                    levels.append(load_level(server.base, clients, args.requests, args.tokens))
-                    print(mode, levels[-1], flush=True)
-                results["modes"][mode] = levels
-                if mode == "batched" and args.hostile:
-                    results["hostile_mix"] = hostile_mix(server, args.hostile, 16, 8)
-                    print("hostile", results["hostile_mix"], flush=True)
-            finally:
+            for clients in args.clients:  # the modes alternate, so a change in the machine's load hits both
+                per_client = args.requests or max(2, 16 // clients)
+                runs = {mode: [] for mode in servers}
+                for _ in range(args.rounds):
+                    for mode, server in servers.items():
+                        runs[mode].append(load_level(server.base, clients, per_client, args.tokens))
+                        print(mode, runs[mode][-1], flush=True)
+                for mode in servers:  # the round with the median throughput
+                    ordered = sorted(runs[mode], key=lambda lv: lv["req_per_s"])
+                    results["modes"][mode].append(ordered[len(ordered) // 2])
+                results["rounds"].append(runs)
+            if args.hostile:
+                results["hostile_mix"] = hostile_mix(servers["batched"], args.hostile, 16, 8)
+                print("hostile", results["hostile_mix"], flush=True)
+        finally:
+            for server in servers.values():
                 server.stop()
+    results["load_average_at_end"] = os.getloadavg()
     serial = {lv["clients"]: lv for lv in results["modes"]["serial"]}
     batched = {lv["clients"]: lv for lv in results["modes"]["batched"]}
     results["ratios"] = {

@@ -2,7 +2,7 @@
 
 No handler blocks the event loop or holds a thread while it waits: tokenising and image decoding
 run in worker threads (decoding under a semaphore), generation in the scheduler's thread, and a
-request waits for its events on an asyncio queue. So `/health` answers while hundreds of
+request waits for its events on an asyncio Event. So `/health` answers while hundreds of
 requests wait. A streamed answer starts only with its first piece of text: whatever fails
 before it is an ordinary HTTP error, never a 200 stream carrying an error.
 """
@@ -75,14 +75,14 @@ async def next_event(job: Job, request: Request, scheduler: Scheduler) -> tuple[
     """The job's next event; kind "gone" when the client has left meanwhile. Past the job's
     deadline the scheduler is told once (`expire`), and its answer to that follows as events."""
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                return "gone", None
-            if time.monotonic() > job.deadline and not job.timed_out:
-                job.timed_out = True
-                scheduler.expire(job)
+        event = await job.next(DISCONNECT_POLL_S)
+        if event is not None:
+            return event
+        if await request.is_disconnected():
+            return "gone", None
+        if time.monotonic() > job.deadline and not job.timed_out:
+            job.timed_out = True
+            scheduler.expire(job)
 
 
 def _completion(meta: dict, result: Result) -> dict:
@@ -121,7 +121,7 @@ async def _events(job: Job, first: tuple[str, Any], meta: dict, include_usage: b
             else:  # an internal failure after the answer began: end the stream without [DONE]
                 log.error("request %s: the stream ended early: %s", job.request_id, getattr(value, "message", value))
                 return
-            kind, value = await job.events.get()
+            kind, value = await job.next()
     finally:  # also when the client went away mid-stream (the task is cancelled)
         scheduler.cancel(job)
 

@@ -74,15 +74,32 @@ class Job:
     loop: asyncio.AbstractEventLoop
     deadline: float
     request_id: str
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: deque = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     timed_out: bool = False
     streaming: bool = True
 
     def send(self, kind: str, value: Any) -> None:
+        """From the scheduler thread: hand an event to the request's event loop."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self._put, (kind, value))
         except RuntimeError:  # the event loop is closed: the server is stopping
             pass
+
+    def _put(self, event: tuple[str, Any]) -> None:
+        self.events.append(event)
+        self.ready.set()
+
+    async def next(self, timeout: float | None = None) -> tuple[str, Any] | None:
+        """The next event, or None after `timeout` seconds without one. (Waiting on an Event,
+        not a queue's get: a wait cut short by the timeout can lose nothing.)"""
+        if not self.events:
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except TimeoutError:
+                return None
+        return self.events.popleft()
 
     def finish(self) -> None:
         if self.seq.on_token is None:  # nothing was followed token by token
@@ -207,8 +224,13 @@ class Scheduler:
                 continue
             for seq in finished:
                 job = self.jobs.pop(seq)
-                if seq.finish != "cancelled" or job.timed_out:
-                    job.finish()
+                try:
+                    if seq.finish != "cancelled" or job.timed_out:
+                        job.finish()
+                except Exception as err:  # one answer that cannot be finished fails alone
+                    log.error("request %s: finishing the answer failed", job.request_id, exc_info=err)
+                    job.send("error", APIError(500, f"internal error (request id {job.request_id}); the server "
+                                                    "log has the cause"))
 
     def _fail(self, err: Exception) -> None:
         ids = ", ".join(job.request_id for job in self.jobs.values())
