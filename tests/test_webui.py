@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 
 import seechat
-from conftest import COLORS
+from seechat.training.loop import run
+from conftest import COLORS, tiny_recipe
 from test_serve import free_port
-from vlm_helpers import saved_model, shape_image
+from vlm_helpers import shape_image
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +72,14 @@ def wait_for_page(url: str, process: subprocess.Popen, timeout: float = 120) -> 
 
 
 @pytest.fixture(scope="module")
-def page_of_two(experts, tmp_path_factory):
-    """`seechat webui --model STITCHED --model NATIVE` running in a subprocess."""
+def page_of_two(experts, tiny_vqa, tmp_path_factory):
+    """`seechat webui --model STITCHED --model NATIVE` running in a subprocess: a stitched model
+    trained for a few seconds on colored shapes, and an untrained native one."""
     root = tmp_path_factory.mktemp("webui")
-    stitched = saved_model(experts, root / "stitched")
+    summary = run(tiny_recipe(experts, tiny_vqa, str(root / "run"), "stage=finetune", "train.max_steps=60",
+                              "train.batch_size=8", "train.log_every=60"))
+    stitched = root / "stitched"  # (the column's title: the name the model is given by)
+    stitched.symlink_to(summary["final"])
     native = native_model(experts, root)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}

@@ -45,7 +45,7 @@ class Column:
 def column_names(model_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """Each model's title: its directory's name, with its parent's when two names collide
     (runs/a/final and runs/b/final -> a/final, b/final), numbered if still equal."""
-    paths = [Path(d).resolve() for d in model_dirs]
+    paths = [Path(os.path.abspath(d)) for d in model_dirs]  # (a symlink keeps its own name)
     names = [p.name for p in paths]
     if len(set(names)) < len(names):
         names = [f"{p.parent.name}/{p.name}" for p in paths]
