@@ -69,7 +69,7 @@ class PixelJudge:
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(width, len(self.colors) + len(self.shapes)))
 
-    def fit(self, pixels, truth: list[dict], epochs: int = 8, batch_size: int = 64) -> "PixelJudge":
+    def fit(self, pixels, truth: list[dict], epochs: int = 24, batch_size: int = 64) -> "PixelJudge":
         import torch
         import torch.nn.functional as F
 
