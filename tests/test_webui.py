@@ -21,9 +21,7 @@ import seechat
 from seechat.training.loop import run
 from conftest import COLORS, tiny_recipe
 from test_serve import free_port
-from vlm_helpers import shape_image
-
-pytestmark = pytest.mark.slow
+from vlm_helpers import saved_model, shape_image
 
 QUESTION = "what color is the shape?"
 CHROMIUM = os.environ.get("SEECHAT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -96,6 +94,7 @@ def page_of_two(experts, tiny_vqa, tmp_path_factory):
         process.wait(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (.ci/run installs it)")
 def test_browser_uploads_asks_and_reads_the_streamed_answers(page_of_two):
     from playwright.sync_api import expect, sync_playwright
@@ -142,3 +141,34 @@ def test_browser_uploads_asks_and_reads_the_streamed_answers(page_of_two):
     assert list(shown.getdata()) == list(own.resize((256, 256), Image.NEAREST).getdata())
     if SCREENSHOT:
         shutil.copyfile(shot, SCREENSHOT)
+
+
+def test_column_titles_are_directory_names_made_distinct(tmp_path):
+    from seechat.inference.webui import column_names
+
+    assert column_names(["runs/a/final", "runs/b/other"]) == ["final", "other"]
+    assert column_names(["runs/a/final", "runs/b/final"]) == ["a/final", "b/final"]
+    assert column_names(["runs/a/final", "runs/a/final"]) == ["a/final (1)", "a/final (2)"]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "shown").symlink_to(tmp_path / "real")
+    assert column_names([tmp_path / "shown"]) == ["shown"]
+
+
+def test_streamed_answer_is_the_greedy_chat_answer_and_an_empty_question_is_refused(experts, tmp_path):
+    import gradio as gr
+
+    from seechat.inference.webui import Column, build_ui, stream_answer
+
+    column = Column("tiny", seechat.load(saved_model(experts, tmp_path / "tiny")))
+    image = shape_image()
+    steps = list(stream_answer(column, image, "  " + QUESTION + " ", max_new_tokens=6))
+    expected = column.model.chat(QUESTION, images=[image], max_new_tokens=6)
+    texts = [text for text, _ in steps]
+    assert texts[0] == "" and texts[-1] == expected
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # it grows
+    assert steps[-1][1].startswith("done: 6 tokens in ") and "stopped at 6 tokens" in steps[-1][1]
+    assert not column.draws  # a stitched model gets no Draw box
+    with pytest.raises(gr.Error, match="type a question first"):
+        list(stream_answer(column, image, "   ", max_new_tokens=6))
+    with pytest.raises(ValueError, match="at least one model"):
+        build_ui([])
