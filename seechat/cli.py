@@ -125,12 +125,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     _saved_model(args.model)
     if args.to == "gguf":
-        from seechat.tools.export_gguf import export_gguf
-
-        out = export_gguf(args.model, args.out, args.gguf_type)
-        print(f"exported {args.model} to {out} (gguf {args.gguf_type}); run it with llama.cpp's llama-mtmd-cli "
-              f"-m/--mmproj, or `ollama create NAME -f {out}/Modelfile`")
-        return 0
+        from seechat.tools.export_gguf import export_gguf_command
+        return export_gguf_command(args.model, args.out, args.gguf_type)
     from seechat.tools.export import export_llava_hf
 
     out = export_llava_hf(args.model, args.out)
@@ -254,8 +250,7 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="saved seechat model directory")
-    p.add_argument("--to", required=True, choices=["llava-hf", "gguf"],
-                   help="target format: llava-hf (transformers' Llava, vLLM) or gguf (llama.cpp, Ollama)")
+    p.add_argument("--to", required=True, choices=["llava-hf", "gguf"], help="llava-hf (Llava, vLLM) or gguf (llama.cpp)")
     p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f16)")
     p.add_argument("out", help="output directory")
 

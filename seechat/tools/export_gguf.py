@@ -305,3 +305,12 @@ def export_gguf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, kind: 
             {"source": str(model_dir), "format": "gguf", "type": kind, "lm": lm_name, "mmproj": mm_name,
              "image_tokens": model.num_image_tokens}, indent=2))
     return Path(out_dir)
+
+
+def export_gguf_command(model_dir: str, out_dir: str, kind: str) -> int:
+    """`seechat export --to gguf`."""
+    out = export_gguf(model_dir, out_dir, kind)
+    meta = json.loads((out / EXPORT_MARKER).read_text())
+    print(f"exported {model_dir} to {out} (gguf {kind}): llama-mtmd-cli -m {out / meta['lm']} --mmproj "
+          f"{out / meta['mmproj']} --image IMAGE -p QUESTION, or ollama create NAME -f {out / 'Modelfile'}")
+    return 0
