@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from seechat.errors import UserError
 from seechat.models.base import SeeChatVLM
 from seechat.models.prompting import reply, user_text
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # seechat runs offline; no telemetry
 
-import gradio as gr  # noqa: E402  (after the analytics switch, which gradio reads on import)
+try:
+    import gradio as gr  # noqa: E402  (after the analytics switch, which gradio reads on import)
+except ModuleNotFoundError as err:  # an optional dependency: say how to get it
+    raise UserError(f"seechat webui needs gradio ({err}); install it with: pip install 'seechat[webui]'") from None
 
 TITLE = "seechat"
 DRAWING_SIZE = 256  # pixels a drawing is shown at
