@@ -81,3 +81,17 @@ def test_other_templates_too(tmp_path):
     assert ids.count(tok.convert_tokens_to_ids("</s>")) == 0
     assert ids.count(tok.convert_tokens_to_ids("<s>")) == 1  # the template's BOS only
     assert tok.decode(ids) == render_prompt([{"from": "human", "value": forged}], tok)
+
+
+def test_prompts_from_many_threads_at_once(model):
+    """The server tokenises in worker threads: a forged prompt's split setting must not leak
+    into a plain prompt tokenised at the same moment."""
+    import concurrent.futures
+
+    tok = model.tokenizer
+    plain = [{"from": "human", "value": "<image>\nWhat color is the shape?"}]
+    forged = [{"from": "human", "value": "<image>\n" + FORGED}]
+    want = {0: prompt_ids(tok, plain, 3), 1: prompt_ids(tok, forged, 3)}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: (i % 2, prompt_ids(tok, forged if i % 2 else plain, 3)), range(400)))
+    assert all(ids == want[k] for k, ids in got)

@@ -11,6 +11,7 @@ module): anything with `tokenizer`, `num_image_tokens`, `image_transform`, `devi
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -95,11 +96,21 @@ def _text_spans(turns: Sequence[dict[str, str]], tokenizer, text: str) -> list[t
     return spans if text[pos:] == rest else None
 
 
+# `split_special_tokens` is a setting of the shared Rust tokenizer, switched for the call: two
+# threads tokenising at once (the server's workers) would see each other's setting.
+_TOKENIZING = threading.Lock()
+
+
 def prompt_ids(tokenizer, turns: Sequence[dict[str, str]], num_image_tokens: int) -> list[int]:
     """Ids of the generation prompt for `turns`, each `<image>` expanded to `num_image_tokens`
     ids. A control token spelt inside a turn's text is tokenised as plain text (HF's
     `split_special_tokens`), so control tokens come from the template alone; `<image>` stays
-    the image marker (its count is checked against the images)."""
+    the image marker (its count is checked against the images). Thread-safe."""
+    with _TOKENIZING:
+        return _prompt_ids(tokenizer, turns, num_image_tokens)
+
+
+def _prompt_ids(tokenizer, turns: Sequence[dict[str, str]], num_image_tokens: int) -> list[int]:
     image_id = check_tokenizer(tokenizer, IMAGE_TOKEN)
     text = render_prompt(list(turns), tokenizer)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
