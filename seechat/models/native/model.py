@@ -5,9 +5,11 @@ text vocabulary (`vocab.CodeVocab`). The data path is the stitched one unchanged
 has the boundary tokens, so every `<image>` becomes `<im_start>`, `n` placeholders, `<im_end>`,
 and this model swaps the placeholders for the image's code ids (`spliced_ids`) before the LM
 sees them. Images in assistant turns (text -> image samples, "draw a red circle") are
-supervised: their codes and boundary tokens are the targets. Everything else - the loop,
-evaluation, `chat` - is `SeeChatVLM`'s; generation is restricted to text ids when answering
-and to code ids when drawing.
+supervised: their codes and boundary tokens are the targets; images in user turns at
+`model.native.user_image_weight`, and drawings lose their prompt at `cfg_dropout` (targets.py).
+The LM grows a text LM (`model.native.init_from`, extend.py) or starts from scratch. Everything
+else - the loop, evaluation, `chat` - is `SeeChatVLM`'s; answers are text ids only, drawings and
+mixed replies come from sampling.py (boundary tokens switch modes, classifier-free guidance).
 
 Chameleon's stabilisers are recipe switches under `model.native`: `qk_norm` (the Qwen3 LM
 normalises queries and keys per head; `false` replaces those norms by identities), `z_loss`
