@@ -27,7 +27,8 @@ def default_model_dir(tmp_path_factory):
 def test_gguf_files_hold_the_model(default_model_dir, tmp_path):
     import gguf
 
-    out = export_gguf(default_model_dir, tmp_path / "gguf", "f16")
+    assert main(["export", "--model", str(default_model_dir), "--to", "gguf", str(tmp_path / "gguf")]) == 0  # f16
+    out = tmp_path / "gguf"
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "mmproj-f16.gguf", "model-f16.gguf", "seechat_export.json"]
     model = load(default_model_dir)
     lm = gguf.GGUFReader(str(out / "model-f16.gguf"))
