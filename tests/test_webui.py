@@ -110,12 +110,12 @@ def test_browser_uploads_asks_and_reads_the_streamed_answers(page_of_two):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(page_of_two["url"])
         # one column per model, titled by its directory name; only the native one draws
-        expect(page.get_by_role("heading", name="stitched")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("heading", name="stitched")).to_be_visible(timeout=120_000)
         expect(page.get_by_role("heading", name="native")).to_be_visible()
         assert page.locator("#draw-0").count() == 0 and page.locator("#draw-1").count() == 1
 
         page.locator("#image input[type=file]").set_input_files(str(root / "red.png"))
-        expect(page.locator("#image img")).to_be_visible(timeout=30_000)
+        expect(page.locator("#image img")).to_be_visible(timeout=60_000)
         page.locator("#question textarea").fill(QUESTION)
         page.locator("#ask").click()
         for i in range(2):
