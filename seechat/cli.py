@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from seechat.errors import UserError
+from seechat.tools import own_data_cli  # light: argparse only, each handler imports what it needs
 
 USER_ERROR_STATUS = 2  # argparse's status for a bad command line: the same kind of mistake
 # `seechat estimate --dtype` (seechat.tools.estimate.DTYPE_BYTES; tests/test_cli.py keeps them equal)
@@ -69,15 +70,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.compare:
-        from seechat.inference.breakdown import format_comparison, read_summary
-
-        a, b = (read_summary(p) for p in args.compare)
-        print(format_comparison(a, b, names=tuple(args.compare)))
-        return 0
-    for flag, value in (("--model", args.model), ("--data", args.data)):
-        if value is None:
-            raise UserError(f"{flag} is required (or give --compare A B to compare two evaluations)")
+    if args.compare or args.model is None or args.data is None:
+        return own_data_cli.compare_or_refuse(args)
     _saved_model(args.model)
     from seechat.data import SampleError
     from seechat.inference.breakdown import format_report
@@ -197,27 +191,6 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experts(args: argparse.Namespace) -> int:
-    from seechat.tools.experts.build import build_experts
-
-    info = build_experts(args.data, args.out, image_root=args.image_root, size=args.size, seed=args.seed,
-                         max_samples=args.max_samples, vision_epochs=args.vision_epochs,
-                         llm_epochs=args.llm_epochs, val=args.val, test=args.test)
-    print(json.dumps(info["seconds"]))
-    print(f"experts in {args.out}; next:\n  seechat train --config {info['recipes']['align']}\n"
-          f"  seechat train --config {info['recipes']['finetune']}")
-    return 0
-
-
-def _data(args: argparse.Namespace) -> int:
-    from seechat.config import load_recipe
-    from seechat.training.data_check import check_data, format_check
-
-    report = check_data(load_recipe(args.config, args.overrides), split=args.split)
-    print(format_check(report))
-    return 1 if report["problems"] else 0
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML (default: the easy-VQA align recipe)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -306,29 +279,6 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
                                                         "(output in runs/compare_quick)")
 
 
-def _experts_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="training LLaVA JSON/JSONL (the experts learn from it alone)")
-    p.add_argument("--out", required=True, help="directory for tokenizer/, vision/, llm/ and the recipes")
-    p.add_argument("--image-root", default=None, help="where relative image paths start (default: the data file's directory)")
-    p.add_argument("--size", default="small", choices=["tiny", "small"], help="preset (default: small)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=None, help="learn from the first N records")
-    p.add_argument("--vision-epochs", type=int, default=None, help="instead of the preset's")
-    p.add_argument("--llm-epochs", type=int, default=None, help="instead of the preset's")
-    p.add_argument("--val", default=None, help="data.val of the written recipes")
-    p.add_argument("--test", default=None, help="data.test of the written recipes")
-
-
-def _data_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True)
-    check = sub.add_parser("check", help="read the training data the way training will; exit 1 on problems",
-                           description="Counts, lengths, image sizes, supervised tokens and one rendered "
-                                       "sample; exits 1 when the data would waste a run.")
-    check.add_argument("--config", required=True, help="recipe YAML")
-    check.add_argument("--split", default="train", choices=["train", "val", "test"])
-    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=256")
-
-
 # verb -> (help, its arguments, what it runs)
 VERBS = {
     "train": ("train per a recipe (align or finetune)", add_train_arguments, _train),
@@ -345,9 +295,10 @@ VERBS = {
                        _generate_image),
     "compare": ("train MLP / Q-Former / resampler / native under one time budget; compare them on easy-VQA",
                 _compare_arguments, _compare),
-    "experts": ("train offline experts (tokenizer, vision tower, LM) on your data; writes recipes", _experts_arguments,
-                _experts),
-    "data": ("data check: read the training set the way training will and report problems", _data_arguments, _data),
+    "experts": ("train offline experts (tokenizer, vision tower, LM) on your data; writes recipes",
+                own_data_cli.experts_arguments, own_data_cli.run_experts),
+    "data": ("data check: read the training set the way training will and report problems",
+             own_data_cli.data_arguments, own_data_cli.run_data),
 }
 DESCRIPTIONS = {"compare": COMPARE_DESCRIPTION}
 

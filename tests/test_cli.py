@@ -60,8 +60,8 @@ def test_help_imports_nothing_heavy(verb):
 def test_every_verb_is_listed_and_estimate_dtypes_match():
     from seechat.tools.estimate import DTYPE_BYTES
 
-    assert list(VERBS) == ["train", "eval", "chat", "export", "merge", "estimate", "serve", "generate-image",
-                           "compare"]
+    assert list(VERBS) == ["train", "eval", "chat", "export", "merge", "estimate", "serve", "webui", "generate-image",
+                           "compare", "experts", "data"]
     assert list(cli.ESTIMATE_DTYPES) == sorted(DTYPE_BYTES)
 
 
