@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from seechat.data.tokenization import stop_token_ids
 from seechat.models.base import _pick
 
 
@@ -69,8 +70,8 @@ class BatchDecoder:
         self.positions: torch.Tensor | None = None  # [B] position of the token fed next
         self.next_tokens: torch.Tensor | None = None  # [B] the token fed next
         self.joinable = True
-        eos = model.tokenizer.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else list(eos))
+        # eos and the template's end-of-turn token, as generate() stops at (Gemma's <end_of_turn>)
+        self.eos = set(stop_token_ids(model.tokenizer))
         # The native kind answers in text ids only (NativeVLM.text_ids); other kinds have no such mask.
         self.allowed_ids = getattr(model, "text_ids", None)
 

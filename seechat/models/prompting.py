@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from seechat.data import load_image, render_prompt
-from seechat.data.tokenization import _expand_images, boundary_ids, check_tokenizer
+from seechat.data.tokenization import _expand_images, boundary_ids, check_tokenizer, stop_token_ids
 from seechat.models.llm import IMAGE_TOKEN
 
 ImageLike = Any  # a path, a PIL image, or raw-bytes dict as `seechat.data.load_image` takes
@@ -218,6 +218,5 @@ def reply(
         rest = deltas.finish()
         if rest:
             on_text(rest)
-    eos = model.tokenizer.eos_token_id
-    stopped = out.shape[1] < max_new_tokens or int(out[0, -1]) == eos
+    stopped = out.shape[1] < max_new_tokens or int(out[0, -1]) in stop_token_ids(model.tokenizer)
     return Reply(text, len(ids), out.shape[1], stopped)
