@@ -13,32 +13,26 @@ counterpart was, at toy scale:
              learns the task's reasoning over text, as a real LLM brings it
 The experts are saved with `save_pretrained`, and the recipes load them by path exactly as they
 would load `openai/clip-vit-large-patch14-336` or `lmsys/vicuna-7b-v1.5`.
+
+The training itself is `seechat experts`' (seechat/tools/experts/: vision.build_vision,
+lm.build_llm); what is easy-VQA's own here is the tower and LM shape, the two caption heads
+(colour, shape) and each image's attributes read off its answers, elimination included. The
+experts are bit-identical to the ones this file trained itself before it called them (checked
+on a 200-sample build, both parts' weights and every tokenizer and config file).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import random
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    CLIPImageProcessor,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from seechat.models.encoders.base import clip_style_transform
-from seechat.precision import autocast_dtype, cpu_autocast, resolve_mixed_precision
+from seechat.precision import autocast_dtype, resolve_mixed_precision
 from seechat.experiments.tiny import tiny_llm_config, train_tokenizer
+from seechat.tools.experts import lm, vision
 
 logger = logging.getLogger(__name__)
 
@@ -102,33 +96,6 @@ def build_tokenizer(pairs: list[tuple[str, str, str]], out: Path, vocab_size: in
     return tokenizer
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator, shift: int = 6) -> torch.Tensor:
-    """Per image: a random horizontal flip and a shift of up to `shift` pixels (edges
-    replicated). Color and shape survive both (triangles stay upright, as in the data); the
-    ViT, which has no built-in translation invariance, sees 3,800 images in many positions."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
-    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
-    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
-    flip = torch.randint(0, 2, (n,), generator=generator).tolist()
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-    return torch.where(torch.tensor(flip, dtype=torch.bool)[:, None, None, None], out.flip(3), out)
-
-
-class _BagOfWordsText(nn.Module):
-    """The text tower of the contrastive pretraining: mean of word embeddings + projection."""
-
-    def __init__(self, vocab: list[str], dim: int):
-        super().__init__()
-        self.vocab = {w: i for i, w in enumerate(vocab)}
-        self.embed = nn.Embedding(len(vocab), dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, captions: list[str]) -> torch.Tensor:
-        rows = [self.embed(torch.tensor([self.vocab[w] for w in c.split()])).mean(0) for c in captions]
-        return self.proj(torch.stack(rows))
-
-
 def vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 16) -> SiglipVisionConfig:
     """The demo tower's shape (32-wide heads)."""
     config = SiglipVisionConfig(
@@ -170,56 +137,19 @@ def build_vision(
     seed: int = 0,
     dtype: torch.dtype | None = None,
 ) -> SiglipVisionModel:
-    """`dtype`: autocast dtype (None: fp32)."""
-    torch.manual_seed(seed)
-    tower = SiglipVisionModel(vision_config(hidden_size, layers, patch_size))
-    visual_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-    color_caps = [f"{c} shape" for c in COLORS]
-    shape_caps = list(SHAPES)
-    text = _BagOfWordsText(list(COLORS) + list(SHAPES) + ["shape"], hidden_size)
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    transform = clip_style_transform(IMAGE_SIZE, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    """`seechat experts`' tower training (seechat/tools/experts/vision.py) with easy-VQA's two
+    heads: colour ("red shape", ...) and shape, each image's known from its answers.
+    `dtype`: autocast dtype (None: fp32)."""
     images = sorted({s["image"] for s in train_samples})
-    pixels = torch.stack([transform(Image.open(image_root / p).convert("RGB")) for p in images])
-    color_target = torch.tensor([COLORS.index(attributes.get(p, {}).get("color")) if "color" in attributes.get(p, {}) else -100 for p in images])
-    shape_target = torch.tensor([SHAPES.index(attributes.get(p, {}).get("shape")) if "shape" in attributes.get(p, {}) else -100 for p in images])
-    logger.info("vision pretraining on %d images (%d with color, %d with shape known)",
-                len(images), int((color_target >= 0).sum()), int((shape_target >= 0).sum()))
-
-    params = [*tower.parameters(), *visual_proj.parameters(), *text.parameters(), logit_scale]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(images) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    start, step = time.time(), 0
-    for epoch in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for i in range(0, len(images), batch_size):
-            idx = order[i : i + batch_size]
-            with cpu_autocast(dtype):
-                batch = _augment(pixels[idx], generator) if augment else pixels[idx]
-                emb = F.normalize(visual_proj(tower(pixel_values=batch).pooler_output), dim=-1)
-                loss = 0.0
-                for caps, target in ((color_caps, color_target[idx]), (shape_caps, shape_target[idx])):
-                    txt = F.normalize(text(caps), dim=-1)
-                    logits = logit_scale.exp().clamp(max=100) * emb @ txt.T
-                    if (target >= 0).any():
-                        loss = loss + F.cross_entropy(logits.float(), target, ignore_index=-100)
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            step += 1
-        logger.info("vision epoch %d: loss %.4f", epoch + 1, loss.item())
-    elapsed = time.time() - start
-    logger.info("vision pretraining: %.0fs, %.0f images/s", elapsed, epochs * len(images) / elapsed)
-    tower.save_pretrained(out)
-    CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-    ).save_pretrained(out)
-    return tower
+    known = [attributes.get(p, {}) for p in images]
+    heads = [([f"{c} shape" for c in COLORS], [COLORS.index(k["color"]) if "color" in k else -100 for k in known]),
+             (list(SHAPES), [SHAPES.index(k["shape"]) if "shape" in k else -100 for k in known])]
+    logger.info("vision pretraining on %d images (%d with color, %d with shape known)", len(images),
+                sum(t >= 0 for t in heads[0][1]), sum(t >= 0 for t in heads[1][1]))
+    return vision.build_vision(images, image_root, heads, out, image_size=IMAGE_SIZE,
+                               vocab=list(COLORS) + list(SHAPES) + ["shape"], epochs=epochs, batch_size=batch_size,
+                               lr=lr, augment_shift=6 if augment else None, flip=True, seed=seed, dtype=dtype,
+                               config=vision_config(hidden_size, layers, patch_size))
 
 
 def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str, str]], tokenizer, out: Path,
@@ -228,50 +158,17 @@ def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str,
     """The LM learns the task's language with each image replaced by its caption words
     ("blue circle\nis there a red shape?" -> "no"), i.e. to reason over text the way a real
     LLM already can. Stitching then has to map images to what those words mean to it (the
-    align stage), not to teach it yes/no logic from pixels."""
-    torch.manual_seed(seed)
-    config = llm_config(len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads, init_std=init_std)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")  # eager: faster on CPU here
-    texts: list[tuple[str, str]] = []
+    align stage), not to teach it yes/no logic from pixels. `seechat experts`' LM training
+    (seechat/tools/experts/lm.py)."""
+    examples = []
     for image, question, answer in pairs:
         known = attributes.get(image, {})
         caption = " ".join(known[k] for k in ("color", "shape") if k in known)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{caption}\n{question}"}],
-                                               tokenize=False, add_generation_prompt=True)
-        texts.append((prompt, f"{answer}{tokenizer.eos_token}"))
-    # Loss on the answer and its end token only, as in chat finetuning.
-    encoded, prompt_lengths = [], []
-    for prompt, reply in texts:
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        encoded.append(torch.tensor(p_ids + tokenizer(reply, add_special_tokens=False)["input_ids"]))
-        prompt_lengths.append(len(p_ids))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    steps = epochs * math.ceil(len(encoded) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    rng = random.Random(seed)
-    start = time.time()
-    for epoch in range(epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            batch = order[i : i + batch_size]
-            rows = [encoded[j] for j in batch]
-            ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
-            positions = torch.arange(ids.shape[1])[None]
-            mask = (positions < torch.tensor([len(r) for r in rows])[:, None]).long()
-            answer = positions >= torch.tensor([prompt_lengths[j] for j in batch])[:, None]
-            labels = ids.masked_fill((mask == 0) | ~answer, -100)
-            with cpu_autocast(dtype):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-        logger.info("llm epoch %d: loss %.4f", epoch + 1, loss.item())
-    logger.info("llm pretraining: %.0fs", time.time() - start)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return model
+        examples.append((f"{caption}\n{question}", answer))
+    return lm.build_llm(examples, tokenizer, out, epochs=epochs, batch_size=batch_size, hidden_size=hidden_size,
+                        layers=layers, heads=heads, init_std=init_std, lr=2e-3, seed=seed, dtype=dtype,
+                        config=llm_config(len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads,
+                                          init_std=init_std))
 
 
 MARKER = "experts.json"

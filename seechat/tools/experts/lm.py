@@ -36,18 +36,25 @@ def _encode(examples: Sequence[tuple[str, str]], tokenizer) -> tuple[list[torch.
     return encoded, prompt_lengths
 
 
-def build_llm(examples: Sequence[tuple[str, str]], tokenizer, out: Path, epochs: int = 1, batch_size: int = 64,
-              hidden_size: int = 192, layers: int = 4, heads: int = 3, init_std: float = 0.1, lr: float = 2e-3,
-              seed: int = 0, dtype: torch.dtype | None = None, progress: bool = False):
-    """Train and save (model and tokenizer) the LM on `examples`: (user content, answer) pairs,
-    the loss on the answer and its end token only, as in chat finetuning."""
-    torch.manual_seed(seed)
-    config = tiny_llm_config("qwen2", len(tokenizer), hidden_size=hidden_size, layers=layers, heads=heads)
+def llm_config(vocab_size: int, hidden_size: int = 192, layers: int = 4, heads: int = 3, init_std: float = 0.1):
+    """A Qwen2 config of the given sizes."""
+    config = tiny_llm_config("qwen2", vocab_size, hidden_size=hidden_size, layers=layers, heads=heads)
     # HF's default init (std 0.02) suits widths in the thousands. At width 192 it leaves the
     # attention logits near zero, and the LM never learns to compare the question's word with
     # the caption's (easy-VQA: yes/no at chance after 4 epochs); std 0.1 (about 1.4/sqrt(width))
     # learns it in one epoch.
     config.initializer_range = init_std
+    return config
+
+
+def build_llm(examples: Sequence[tuple[str, str]], tokenizer, out: Path, epochs: int = 1, batch_size: int = 64,
+              hidden_size: int = 192, layers: int = 4, heads: int = 3, init_std: float = 0.1, lr: float = 2e-3,
+              seed: int = 0, dtype: torch.dtype | None = None, progress: bool = False, config=None):
+    """Train and save (model and tokenizer) the LM on `examples`: (user content, answer) pairs,
+    the loss on the answer and its end token only, as in chat finetuning. `config`: the LM's
+    config, instead of `llm_config` of the given sizes."""
+    torch.manual_seed(seed)
+    config = config if config is not None else llm_config(len(tokenizer), hidden_size, layers, heads, init_std)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")  # eager: faster on CPU here
     encoded, prompt_lengths = _encode(examples, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, SiglipVisionModel
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from seechat.data import load_image
@@ -30,6 +30,7 @@ from seechat.precision import cpu_autocast
 
 logger = logging.getLogger(__name__)
 
+TOWERS = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
 Heads = Sequence[tuple[Sequence[str], Sequence[int]]]  # per head: captions, each image's caption index
 
 
@@ -110,18 +111,22 @@ def build_vision(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> CLIPVisionModel:
-    """Pretrain and save (`save_pretrained` + its image processor) a CLIP vision tower on
-    `images`. `heads` empty: self-supervised. `augment_shift` None: no augmentation (contrastive
-    only). `dtype`: autocast dtype (None: fp32)."""
+    config: PretrainedConfig | None = None,
+) -> CLIPVisionModel | SiglipVisionModel:
+    """Pretrain and save (`save_pretrained` + its image processor) a vision tower on `images`:
+    a CLIP ViT of the given sizes, or the tower `config` describes (a CLIP or SigLIP vision
+    config; it then decides the sizes). `heads` empty: self-supervised. `augment_shift` None: no
+    augmentation (contrastive only). `dtype`: autocast dtype (None: fp32)."""
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden_size // 32), projection_dim=hidden_size,
-    )
-    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
-    tower = CLIPVisionModel(config)
+    if config is None:
+        config = CLIPVisionConfig(
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+            intermediate_size=hidden_size * 4, num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden_size // 32), projection_dim=hidden_size,
+        )
+        config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
+    tower = TOWERS[config.model_type](config)
+    hidden_size, image_size = config.hidden_size, config.image_size
     visual_proj = nn.Linear(hidden_size, hidden_size, bias=False)
     text = BagOfWordsText(vocab if vocab is not None else caption_vocab(heads) or ["-"], hidden_size)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
