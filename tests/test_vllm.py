@@ -24,32 +24,35 @@ pytestmark = [
 ]
 
 
-def _questions(tmp_path: Path) -> tuple[Path, Path, str | None]:
-    """(model dir, LLaVA JSON of N questions, image root)."""
+def _questions(tmp_path: Path) -> tuple[Path, Path, str | None, int]:
+    """(model dir, LLaVA JSON of N questions, image root, answer tokens compared)."""
     if DEMO_MODEL.is_dir() and DEMO_TEST.is_file():
         rows = json.loads(DEMO_TEST.read_text())[:N]
         path = tmp_path / "questions.json"
         path.write_text(json.dumps(rows))
-        return DEMO_MODEL, path, str(DEMO_TEST.parent)
+        return DEMO_MODEL, path, str(DEMO_TEST.parent), 4
     model_dir = default_shaped_model(tmp_path / "default")
     rows = [{"id": str(i), "image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                                              {"from": "gpt", "value": "red"}]}
             for i, (image, q) in enumerate(shape_images(tmp_path / "images", N))]
     path = tmp_path / "questions.json"
     path.write_text(json.dumps(rows))
-    return model_dir, path, None
+    # Its random LM babbles: after its first token, greedy choices are near-ties kernels can flip
+    # (192/200 equal on two tokens).
+    return model_dir, path, None, 1
 
 
 def test_vllm_answers_like_seechat_eval(tmp_path):
-    model_dir, questions, image_root = _questions(tmp_path)
+    model_dir, questions, image_root, tokens = _questions(tmp_path)
     export = export_llava_hf(model_dir, tmp_path / "llava")
-    evaluate_file(load(model_dir), str(questions), image_root=image_root, max_new_tokens=4,
+    evaluate_file(load(model_dir), str(questions), image_root=image_root, max_new_tokens=tokens,
                   predictions_path=tmp_path / "predictions.jsonl")
     rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == N
     pairs = [(row["images"][0], row["question"]) for row in rows]
-    theirs = vllm_answers(export, pairs, max_new_tokens=4)
-    ours = [row["prediction"] for row in rows]
+    theirs = vllm_answers(export, pairs, max_new_tokens=tokens)
+    # vLLM's detokenizer drops a partial UTF-8 character, transformers writes U+FFFD
+    ours = [row["prediction"].replace("\ufffd", "") for row in rows]
     same = sum(a == b for a, b in zip(theirs, ours))
     print(f"\nvLLM vs seechat eval on {N} questions ({model_dir}): {same}/{N} identical")
     assert theirs == ours

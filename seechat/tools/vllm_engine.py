@@ -103,16 +103,25 @@ def stop(server: Server, timeout: float = 30.0) -> None:
 _ANSWERS = r"""
 import base64, json, sys
 from vllm import LLM, SamplingParams
-job = json.load(open(sys.argv[1]))
-llm = LLM(model=job["export_dir"], dtype="float32", max_model_len=job["max_model_len"], seed=0,
-          generation_config="vllm", limit_mm_per_prompt={"image": 1})
+
+
 def url(path):
     return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
-conversations = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(p)}},
-                                               {"type": "text", "text": q}]}] for p, q in job["pairs"]]
-params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"])
-outputs = llm.chat(conversations, params, use_tqdm=False)
-json.dump([o.outputs[0].text for o in outputs], open(sys.argv[2], "w"))
+
+
+def main():
+    job = json.load(open(sys.argv[1]))
+    llm = LLM(model=job["export_dir"], dtype="float32", max_model_len=job["max_model_len"], seed=0,
+              generation_config="vllm", limit_mm_per_prompt={"image": 1})
+    conversations = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(p)}},
+                                                   {"type": "text", "text": q}]}] for p, q in job["pairs"]]
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"])
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    json.dump([o.outputs[0].text for o in outputs], open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":  # vLLM's engine process is spawned and re-imports this file
+    main()
 """
 
 
