@@ -80,8 +80,9 @@ def test_the_card_sizes_follow_the_tiny_experts(experts, tiny_vqa, tmp_path):
 
 
 def test_the_resampler_drops_the_cls_token_itself(experts, tiny_vqa, tmp_path):
-    recipe = tiny_default_recipe(experts, tiny_vqa, tmp_path, "adapter=resampler256")
-    assert recipe["model"]["encoder"]["keep_cls"] is True  # the default recipe keeps CLS
+    # The default's SigLIP-shaped tower has no CLS; a CLIP-style recipe that keeps it:
+    recipe = tiny_default_recipe(experts, tiny_vqa, tmp_path, "adapter=resampler256", "encoder.keep_cls=true")
+    assert recipe["model"]["encoder"]["keep_cls"] is True
     model = build_model(recipe["model"], ALIGN)
     assert model.encoder.num_patches == 17  # 4x4 patches + CLS
     assert model.config["adapter"] == {"type": "resampler", "grid_size": 4, "embed_dim": 64, "num_heads": 1}

@@ -95,6 +95,12 @@ def test_qlora_is_4bit_and_trains_lora(experts):
     layers = model.base_llm.config.num_hidden_layers
     assert len(linears) == 7 * layers  # q k v o gate up down in every layer
     assert all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested for m in linears)
+    # An eval-mode pass without grad first (validation, generation): on AVX512-BF16 CPUs
+    # bitsandbytes would repack the 4-bit weights for inference and cut every LoRA's gradient.
+    model.eval()
+    with torch.no_grad():
+        model(**image_batch(model))
+    model.train()
     loss = model(**image_batch(model)).loss
     loss.backward()
     lora_grads = [p.grad for n, p in model.llm.named_parameters() if "lora_B" in n]

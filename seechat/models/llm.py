@@ -83,6 +83,8 @@ def load_llm(
             kwargs["attn_implementation"] = cfg["attn_implementation"]
         model = from_pretrained(AutoModelForCausalLM.from_pretrained, cfg["name_or_path"], "model.llm.name_or_path",
                                 cfg.get("trust_remote_code", False), **kwargs)
+        if quantize_4bit:
+            keep_4bit_trainable(model)
     elif cfg.get("config"):
         if quantize_4bit:
             raise ValueError("llm.mode=qlora needs llm.name_or_path (4-bit loading quantises saved weights)")
@@ -94,6 +96,16 @@ def load_llm(
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def keep_4bit_trainable(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference the
+    first time it runs in eval mode without grad (a validation pass, a generation, a probe), and
+    from then on no gradient flows through that layer: QLoRA would silently stop training the
+    LoRA of every repacked layer. A model loaded for QLoRA keeps the trainable packing."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resize_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
