@@ -54,20 +54,21 @@ def default_shaped_model(root: Path) -> Path:
 
     from seechat import build_model, resources
     from seechat.config import load_recipe
-    from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, vision_config
+    from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, exportable_vision_config
     from seechat.experiments.tiny import train_tokenizer
     from seechat.models.kinds import stage_modes
 
     torch.manual_seed(0)
     corpus = [f"{c} {s}\n{q}" for c in COLORS for s in SHAPES for q in QUESTIONS] + ["yes", "no"] * 20
     tokenizer = train_tokenizer(corpus, vocab_size=300, template="chatml")
-    SiglipVisionModel(vision_config()).save_pretrained(root / "vision")
+    SiglipVisionModel(exportable_vision_config()).save_pretrained(root / "vision")
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(root / "vision")
     AutoModelForCausalLM.from_config(llm_config(len(tokenizer))).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     recipe = load_recipe(resources.recipe_file("easyvqa_align.yaml"),
-                         [f"model.encoder.name={root / 'vision'}", f"llm.name_or_path={root / 'llm'}"])
+                         [f"model.encoder.name={root / 'vision'}", f"llm.name_or_path={root / 'llm'}",
+                          "adapter.pixel_shuffle=1", "encoder.keep_cls=false"])
     model = build_model(recipe["model"], stage_modes("align", recipe["model"]))
     with torch.no_grad():
         for p in model.adapter.parameters():

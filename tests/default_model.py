@@ -14,7 +14,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from seechat import build_model, resources
 from seechat.config import load_recipe
-from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, vision_config
+from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, exportable_vision_config
 from seechat.experiments.tiny import train_tokenizer
 from seechat.models.kinds import stage_modes
 
@@ -29,14 +29,15 @@ def default_shaped_model(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     experts = root / "experts"
     tokenizer = train_tokenizer(CORPUS, vocab_size=300, template="chatml")
-    SiglipVisionModel(vision_config()).save_pretrained(experts / "vision")
+    SiglipVisionModel(exportable_vision_config()).save_pretrained(experts / "vision")
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(experts / "vision")
     llm = AutoModelForCausalLM.from_config(llm_config(len(tokenizer)), attn_implementation="eager")
     llm.save_pretrained(experts / "llm")
     tokenizer.save_pretrained(experts / "llm")
     recipe = load_recipe(resources.recipe_file("easyvqa_align.yaml"),
-                         [f"model.encoder.name={experts / 'vision'}", f"llm.name_or_path={experts / 'llm'}"])
+                         [f"model.encoder.name={experts / 'vision'}", f"llm.name_or_path={experts / 'llm'}",
+                          "adapter.pixel_shuffle=1", "encoder.keep_cls=false"])
     model = build_model(recipe["model"], stage_modes("align", recipe["model"]))
     with torch.no_grad():
         for p in model.adapter.parameters():

@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig
 
 from seechat.precision import autocast_dtype, resolve_mixed_precision
 from seechat.experiments.tiny import tiny_llm_config, train_tokenizer
@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 # Bump when the way experts are made changes, so that runs/demo/experts made by an older
 # version are rebuilt instead of reused (2: the LM's init std 0.02 -> 0.1; 3: the vision tower is
-# SigLIP-shaped with 16-px patches, was CLIP with 8-px patches).
-EXPERTS_VERSION = 3
+# SigLIP-shaped with 16-px patches, was CLIP with 8-px patches; 4: back to CLIP with 8-px patches,
+# see exportable_vision_config).
+EXPERTS_VERSION = 4
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -96,14 +97,29 @@ def build_tokenizer(pairs: list[tuple[str, str, str]], out: Path, vocab_size: in
     return tokenizer
 
 
-def vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 16) -> SiglipVisionConfig:
-    """The demo tower's shape (32-wide heads)."""
+def vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 8) -> CLIPVisionConfig:
+    """The demo tower's shape: a CLIP ViT with 8-px patches (8x8 grid + CLS; the default recipe
+    folds 2x2 patches into one token with `adapter.pixel_shuffle: 2`: 17 image tokens)."""
+    config = CLIPVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 32), projection_dim=hidden_size,
+    )
+    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
+    return config
+
+
+def exportable_vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 16) -> SiglipVisionConfig:
+    """A SigLIP-shaped tower with 16-px patches (4x4 grid, no CLS: 16 image tokens with no pixel
+    shuffle), the shape stock Llava (vLLM) and llama.cpp take as it is. Tried as the demo's
+    tower it scored 92.70% on the test split (seed 0; shape questions 76.7%) against 99.3% for
+    the default's 8-px CLIP tower, so the default keeps the latter; the export tests use this one."""
     config = SiglipVisionConfig(
         image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
         intermediate_size=hidden_size * 4, num_hidden_layers=layers,
         num_attention_heads=max(1, hidden_size // 32),
     )
-    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
+    config._attn_implementation = "eager"
     return config
 
 
@@ -127,16 +143,12 @@ def build_vision(
     batch_size: int = 64,
     hidden_size: int = 128,
     layers: int = 4,
-    # 16 px on 64 px images: a 4x4 grid, 16 image tokens, about what pixel_shuffle: 2 gave on
-    # 8-px patches (17), but in the tower itself, so stock Llava (vLLM) can hold the model. No
-    # CLS token (SigLIP): llama.cpp's CLIP graph puts CLS last and drops the first patch
-    # (llama.cpp issue 25814), so only a CLS-free tower answers there as it does here.
-    patch_size: int = 16,
+    patch_size: int = 8,
     lr: float = 1e-3,
     augment: bool = True,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-) -> SiglipVisionModel:
+) -> CLIPVisionModel:
     """`seechat experts`' tower training (seechat/tools/experts/vision.py) with easy-VQA's two
     heads: colour ("red shape", ...) and shape, each image's known from its answers.
     `dtype`: autocast dtype (None: fp32)."""
