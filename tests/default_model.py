@@ -1,7 +1,8 @@
-"""A tiny model of the embedded default's exact shape, built in seconds: the demo's tower and LM
-configs (seechat/experiments/easyvqa/experts.py: SigLIP-shaped, 16-px patches on 64-px images;
-Qwen2, 64-wide heads) at random init, stitched by the default recipe (recipes/easyvqa_align.yaml),
-with the adapter randomised. Used by the export tests (llava-hf, GGUF, vLLM)."""
+"""A tiny model of the easy-VQA default's exportable variant, built in seconds: the demo LM's
+config and the 16-px SigLIP-shaped tower (seechat/experiments/easyvqa/experts.py:
+exportable_vision_config, 16 image tokens, no CLS) at random init, stitched by the default recipe
+(recipes/easyvqa_align.yaml) without its pixel shuffle, with the adapter randomised. Used by the
+export tests (llava-hf, GGUF, vLLM)."""
 from __future__ import annotations
 
 import json

