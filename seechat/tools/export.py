@@ -39,32 +39,39 @@ from seechat.models.llm import IMAGE_TOKEN
 from seechat.tools.merge import merge_lora
 from seechat.models.base import SeeChatVLM
 
-__all__ = ["NotExpressibleError", "export_llava_hf", "llava_chat_template", "model_to_llava"]
+__all__ = ["EXPORT_MARKER", "NotExpressibleError", "export_llava_hf", "flattening_template", "llava_chat_template", "model_to_llava"]
 
-# Images become "<image>\n" before the message's text - what SeeChatVLM.chat() writes - so the
-# exported template renders the same prompt as seechat. String contents pass through unchanged,
-# then the LM's own template renders the flattened messages.
 EXPORT_MARKER = "seechat_export.json"  # marks a directory `seechat export` wrote
-_FLATTEN = (
-    "{%- set ns = namespace(messages=[]) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}"
-    "{%- else -%}{%- set parts = namespace(images='', text='') -%}"
-    "{%- for c in m['content'] -%}"
-    "{%- if c['type'] == 'image' or c['type'] == 'image_url' -%}{%- set parts.images = parts.images + '"
-    + IMAGE_TOKEN
-    + "\\n' -%}"
-    "{%- elif c['type'] == 'text' -%}{%- set parts.text = parts.text + c['text'] -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': parts.images + parts.text}] -%}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- set messages = ns.messages -%}"
-)
+
+
+def flattening_template(marker: str, marker_text_is_image: bool = False) -> str:
+    """A Jinja prefix that flattens messages whose content is a list of image/text parts:
+    images become `marker + "\n"` before the message's text - what SeeChatVLM.chat() writes with
+    "<image>" - so an exported template renders the same prompt as seechat. String contents pass
+    through unchanged; the LM's own template then renders the flattened messages.
+    `marker_text_is_image`: a text part that is exactly `marker` counts as an image too (how
+    llama.cpp's mtmd hands images to a template)."""
+    is_image = "c['type'] in ('image', 'image_url')"
+    if marker_text_is_image:
+        is_image += " or (c['type'] == 'text' and c['text'] == '" + marker + "')"
+    return (
+        "{%- set ns = namespace(messages=[]) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}"
+        "{%- else -%}{%- set parts = namespace(images='', text='') -%}"
+        "{%- for c in m['content'] -%}"
+        "{%- if " + is_image + " -%}{%- set parts.images = parts.images + '" + marker + "\\n' -%}"
+        "{%- elif c['type'] == 'text' -%}{%- set parts.text = parts.text + c['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': parts.images + parts.text}] -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- set messages = ns.messages -%}"
+    )
 
 
 def llava_chat_template(lm_template: str) -> str:
     """The LM's chat template, extended to messages whose content is a list of image/text parts."""
-    return _FLATTEN + lm_template
+    return flattening_template(IMAGE_TOKEN) + lm_template
 
 
 def _projector(adapter: nn.Module, d_llm: int) -> tuple[dict[str, torch.Tensor], str]:

@@ -27,28 +27,14 @@ import torch
 
 from seechat.models.base import SeeChatVLM
 from seechat.tools.clip_convert import NotExpressibleError
+from seechat.tools.export import EXPORT_MARKER, flattening_template
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 MEDIA_MARKER = "<__media__>"  # where mtmd puts an image's embeddings
-EXPORT_MARKER = "seechat_export.json"
 
-# A chat template for llama-cpp-python's MTMDChatHandler, which hands images to the template as
-# text parts holding the media marker: images become "<marker>\n" before the text, as
-# SeeChatVLM.chat() writes "<image>\n" (then the LM's own template renders the messages).
-_FLATTEN = (
-    "{%- set ns = namespace(messages=[]) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}"
-    "{%- else -%}{%- set parts = namespace(images='', text='') -%}"
-    "{%- for c in m['content'] -%}"
-    "{%- if c['type'] in ('image', 'image_url') or (c['type'] == 'text' and c['text'] == '" + MEDIA_MARKER + "') -%}"
-    "{%- set parts.images = parts.images + '" + MEDIA_MARKER + "\\n' -%}"
-    "{%- elif c['type'] == 'text' -%}{%- set parts.text = parts.text + c['text'] -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': parts.images + parts.text}] -%}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- set messages = ns.messages -%}"
-)
+# llama-cpp-python's MTMDChatHandler hands images to the chat template as text parts holding the
+# media marker: images become "<marker>\n" before the text, as in the Llava export.
+_FLATTEN = flattening_template(MEDIA_MARKER, marker_text_is_image=True)
 
 
 def _np(t: torch.Tensor, kind: str):
