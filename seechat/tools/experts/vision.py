@@ -67,6 +67,13 @@ def caption_vocab(heads: Heads) -> list[str]:
     return list(dict.fromkeys(w for captions, _ in heads for c in captions for w in c.split()))
 
 
+def pooled(out) -> torch.Tensor:
+    """The tower's image embedding: its pooled output (CLIP's CLS, SigLIP's attention-pooling
+    head) or, for a tower without one (SigLIP with `vision_use_head: false`), the mean of its
+    last (post-layernormed) patch tokens."""
+    return out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
+
+
 def _head_loss(emb, heads, text, logit_scale, idx):
     loss = 0.0
     for captions, target in heads:
@@ -81,7 +88,7 @@ def _head_loss(emb, heads, text, logit_scale, idx):
 def _view_loss(tower, proj, batch, generator, shift, flip, logit_scale):
     """SimCLR's NT-Xent over two augmented views of each image in `batch`."""
     views = torch.cat([augment(batch, generator, shift, flip), augment(batch, generator, shift, flip)])
-    z = F.normalize(proj(tower(pixel_values=views).pooler_output), dim=-1).float()
+    z = F.normalize(proj(pooled(tower(pixel_values=views))), dim=-1).float()
     n = batch.shape[0]
     sim = logit_scale.exp().clamp(max=100) * z @ z.T
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
@@ -153,7 +160,7 @@ def build_vision(
             with cpu_autocast(dtype):
                 if targets:
                     batch = augment(pixels[idx], generator, augment_shift, flip) if augment_shift is not None else pixels[idx]
-                    emb = F.normalize(visual_proj(tower(pixel_values=batch).pooler_output), dim=-1)
+                    emb = F.normalize(visual_proj(pooled(tower(pixel_values=batch))), dim=-1)
                     loss = _head_loss(emb, targets, text, logit_scale, idx)
                 else:
                     loss = _view_loss(tower, visual_proj, pixels[idx], generator, augment_shift, flip, logit_scale)
