@@ -123,3 +123,31 @@ def test_a_failure_inside_generation_is_a_500_without_internals_streamed_or_not(
         assert response.headers["x-request-id"] in error["message"]
     monkeypatch.undo()
     assert post(served["base"], {"model": "tiny", "messages": msg(), "max_tokens": 2}).status_code == 200
+
+
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event_and_done(served, monkeypatch):
+    scheduler = scheduler_of(served["app"])
+    real_step, steps = scheduler.decoder.step, []
+
+    def failing_step():  # the prefill chose the first token and it was sent; the 3rd step fails
+        steps.append(1)
+        if len(steps) >= 3:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] 0x7f3a5c001234 /work/secret/path")
+        return real_step()
+
+    monkeypatch.setattr(scheduler.decoder, "step", failing_step)
+    body = {"model": "tiny", "messages": msg(), "stream": True, "max_tokens": 16}
+    with httpx.stream("POST", f"{served['base']}/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        rid = response.headers["x-request-id"]
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    monkeypatch.undo()
+    assert events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+    assert rid in error["message"] and not LEAKS.search(events[-2]), events[-2]
+    chunks = [json.loads(e) for e in events[:-2]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text and all(c["choices"][0]["finish_reason"] is None for c in chunks)  # the answer had begun
+    assert post(served["base"], {"model": "tiny", "messages": msg(), "max_tokens": 2}).status_code == 200

@@ -226,3 +226,23 @@ def test_connections_over_the_cap_get_503(model):
             for sock in held:
                 sock.close()
         wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, what="a free connection")
+
+
+def test_the_next_head_on_a_kept_alive_connection_is_timed_too(model):
+    with running(model, Limits(header_timeout=0.5, keep_alive_timeout=5.0)) as (base, _):
+        with _raw(base) as kept:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            first = b""
+            while b'"ok"' not in first:
+                first += kept.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+            start = time.time()
+            kept.sendall(b"GET /health HTTP/1.1\r\n")  # then one header byte every 0.1 s
+            try:
+                for _ in range(50):
+                    kept.sendall(b"X")
+                    time.sleep(0.1)
+            except OSError:
+                pass
+            assert _read_all(kept).startswith(b"HTTP/1.1 408")
+            assert time.time() - start < 4

@@ -13,7 +13,7 @@ The parts, one job each:
   limits.py     what a request may cost (`Limits`, every one a command-line option) and the checks
   messages.py   OpenAI messages -> seechat turns; images checked before they are decoded
   auth.py       API keys, allowed Host headers, the non-loopback bind check
-  protocol.py   the request-head time limit and the connection cap uvicorn lacks
+  protocol.py   the request-head time limit and the connection cap uvicorn lacks (public APIs)
   errors.py     every error in OpenAI's format, with a request id; nothing internal in a body
   settings.py, options.py   the limits and the command-line options (light: no server import)
 See docs/serving.md (security: what is limited, the defaults, behind a proxy).
@@ -41,11 +41,14 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8000, limits: Limits
     """The uvicorn configuration `seechat serve` runs `app` with (tests start servers from it too)."""
     import uvicorn
 
-    from seechat.inference.serve.protocol import guarded_protocol
+    from seechat.inference.serve.protocol import ConnectionLimits
 
     limits = limits or Limits()
+    connections = ConnectionLimits(limits.header_timeout, limits.max_connections)
+    # the limits' middleware applies uvicorn's proxy-headers middleware itself (inside it)
+    app = connections.wrap(app, uvicorn_kwargs.pop("proxy_headers", True), uvicorn_kwargs.pop("forwarded_allow_ips", None))
     return uvicorn.Config(
-        app, host=host, port=port, http=guarded_protocol(limits.header_timeout, limits.max_connections),
+        app, host=host, port=port, http=connections.protocol(), proxy_headers=False,
         timeout_keep_alive=max(1, round(limits.keep_alive_timeout)), timeout_graceful_shutdown=5,
         server_header=False, lifespan="on", **uvicorn_kwargs,
     )

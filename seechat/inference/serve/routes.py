@@ -4,7 +4,8 @@ No handler blocks the event loop or holds a thread while it waits: tokenising an
 run in worker threads (decoding under a semaphore), generation in the scheduler's thread, and a
 request waits for its events on an asyncio Event. So `/health` answers while hundreds of
 requests wait. A streamed answer starts only with its first piece of text: whatever fails
-before it is an ordinary HTTP error, never a 200 stream carrying an error.
+before it is an ordinary HTTP error, never a 200 stream carrying an error; one after it is an
+error event in OpenAI's format (the request id, nothing internal) followed by `data: [DONE]`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from seechat.inference.serve.auth import LOOPBACK_HOSTS, Guard
-from seechat.inference.serve.errors import APIError, install_handlers, log, new_request_id, request_id
+from seechat.inference.serve.errors import APIError, error_body, install_handlers, log, new_request_id, request_id
 from seechat.inference.serve.limits import Limits, Params, answer_budget, parse_json, parse_params
 from seechat.inference.serve.messages import decode, to_conversation
 from seechat.inference.serve.scheduler import Job, Result, Scheduler
@@ -103,6 +104,14 @@ def _chunk(meta: dict, delta: dict, finish: str | None = None, **extra: Any) -> 
     return f"data: {json.dumps(body)}\n\n"
 
 
+def _error_event(err: Any, rid: str) -> str:
+    """The stream's error event: the APIError's status and message (they name the request id,
+    nothing internal); anything else as a plain internal error."""
+    if not isinstance(err, APIError):
+        err = APIError(500, f"internal error (request id {rid}); the server log has the cause")
+    return f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
+
+
 async def _events(job: Job, first: tuple[str, Any], meta: dict, include_usage: bool,
                   scheduler: Scheduler) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, one chunk per text piece, a finish chunk, [DONE]."""
@@ -118,8 +127,10 @@ async def _events(job: Job, first: tuple[str, Any], meta: dict, include_usage: b
                     yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(value)})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            else:  # an internal failure after the answer began: end the stream without [DONE]
+            else:  # a failure after the answer began: an error event (OpenAI's format), then [DONE]
                 log.error("request %s: the stream ended early: %s", job.request_id, getattr(value, "message", value))
+                yield _error_event(value, job.request_id)
+                yield "data: [DONE]\n\n"
                 return
             kind, value = await job.next()
     finally:  # also when the client went away mid-stream (the task is cancelled)
