@@ -2,9 +2,10 @@
 prepare -> `seechat experts` -> align -> finetune -> `seechat eval`, against a logistic
 regression on the raw pixels over each question's answers, on the same split.
 
-    OMP_NUM_THREADS=2 python benchmarks/own_data.py --datasets digits mnist5k
+    OMP_NUM_THREADS=1 python benchmarks/own_data.py --datasets digits mnist5k
 
-Times are wall-clock and CPU (this process's user + system time, all threads) per step.
+Times are wall-clock and CPU (this process's user + system time, all threads) per step; on a
+shared machine the CPU time is the budget (training_cpu_min: experts + align + finetune).
 Writes benchmarks/results/own_data.json (one entry per data set; others already there are kept).
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def run_dataset(name: str, root: Path, size: str, reuse_experts: bool, overrides
         "training_wall_min": round(sum(times[k]["wall_s"] for k in training) / 60, 1),
         "experts": {k: info[k] for k in ("size", "vision", "llm_epochs", "seconds")},
         "steps": {"align": align["steps"], "finetune": finetune["steps"]}, "n_test": summary["n"],
-        "commands": [f"seechat experts --data {name}/train.json --out {name}/experts --test {name}/test.json",
+        "commands": [f"python -c 'from seechat.experiments.own_data import prepare; prepare(\"{name}\", \"{name}\")'",
+                     f"seechat experts --data {name}/train.json --out {name}/experts --test {name}/test.json",
                      f"seechat train --config {name}/experts/align.yaml",
                      f"seechat train --config {name}/experts/finetune.yaml",
                      f"seechat eval --model {name}/experts/runs/finetune/final --data {name}/test.json"],

@@ -105,6 +105,8 @@ def test_experts_are_loadable_and_their_recipe_trains(own_experts, tiny_vqa, cap
     align = json.loads(json.dumps(yaml.safe_load((own_experts / "align.yaml").read_text())))
     assert align["data"]["train"] == str(Path("..") / Path(tiny_vqa["train"]).relative_to(Path(tiny_vqa["root"]).parent).as_posix()) \
         or Path(own_experts / align["data"]["train"]).resolve() == Path(tiny_vqa["train"]).resolve()
+    # the 4x4 patch grid folds into one token: CLS + 1 image token
+    assert align["model"]["adapter"] == {"card": "mlp2x_gelu", "pixel_shuffle": 4}
     for stage in ("align", "finetune"):
         assert main(["train", "--config", str(own_experts / f"{stage}.yaml"), "train.max_steps=2", *FAST]) == 0
         assert (own_experts / "runs" / stage / "final" / "seechat.json").is_file()

@@ -18,8 +18,10 @@ def _rel(path: str, start: Path) -> str:
 
 
 def write_recipes(out: Path, data: str, image_root: str | None, val: str | None = None, test: str | None = None,
-                  seed: int = 0, images: bool = True, n_samples: int = 0, batch_size: int = 64) -> dict[str, Path]:
-    """`out/align.yaml` and `out/finetune.yaml`; returns their paths."""
+                  seed: int = 0, images: bool = True, n_samples: int = 0, batch_size: int = 64,
+                  pixel_shuffle: int = 1) -> dict[str, Path]:
+    """`out/align.yaml` and `out/finetune.yaml`; returns their paths. `pixel_shuffle`: the
+    adapter's (the tower's patch-grid side folds all its patches into one token)."""
     steps_per_epoch = max(1, math.ceil(n_samples / batch_size))
     finetune_epochs = max(1, math.ceil(FINETUNE_MIN_STEPS / steps_per_epoch))
     encoder = {"backend": "hf", "name": "vision", "pretrained": True, "feature_layer": -1, "keep_cls": True,
@@ -28,9 +30,10 @@ def write_recipes(out: Path, data: str, image_root: str | None, val: str | None 
                 **({"test": _rel(test, out)} if test else {}),
                 **({"image_root": _rel(image_root, out)} if image_root else {}),
                 "max_length": 512, "num_workers": 1, "group_by_length": False}
+    adapter = {"card": "mlp2x_gelu", **({"pixel_shuffle": pixel_shuffle} if images and pixel_shuffle > 1 else {})}
     align = {
         "stage": "align", "seed": seed, "output_dir": "runs/align",
-        "model": {**({"encoder": encoder} if images else {}), "adapter": {"card": "mlp2x_gelu"},
+        "model": {**({"encoder": encoder} if images else {}), "adapter": adapter,
                   "llm": {"name_or_path": "llm", "attn_implementation": "eager"}},
         "data": data_cfg,
         "train": {"epochs": max(1, math.ceil(ALIGN_STEPS / steps_per_epoch)), "max_steps": ALIGN_STEPS,
