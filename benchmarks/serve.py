@@ -1,16 +1,21 @@
 """`seechat serve` under load: the serial server (`--max-batch 1`, one request at a time, what
-the server did before batching) against the batched one (continuous batching), measured in one
-run on a model of the embedded default's exact shape (the demo's SigLIP-shaped tower and Qwen2
-LM, random init, stitched by recipes/easyvqa_align.yaml), plus a hostile mix.
+the server did before batching) against the batched one (continuous batching), and vLLM
+serving the same model exported to llava-hf where its venv exists (scripts/vllm_venv.sh),
+measured in one run on a model of the embedded default's shape with the exportable tower
+(experts.exportable_vision_config: SigLIP-shaped, 16-px patches; the Qwen2 LM; random init,
+stitched by recipes/easyvqa_align.yaml), plus a hostile mix.
 
-    .venv/bin/python benchmarks/serve.py [--clients 1 4 16 32 --requests 4 --tokens 32]
+    .venv/bin/python benchmarks/serve.py [--clients 1 4 16 32 --requests 4 --tokens 32 --vllm auto]
 
-Each server is a `seechat serve` subprocess on loopback, driven by closed-loop clients (threads,
-httpx): every client sends `--requests` requests one after another (default max(2, 16 / clients)), each an easy-VQA-like question
-about a 64x64 image (data URL) asking for `--tokens` greedy tokens. Reported per mode and client
-count: requests/s, completion tokens/s, latency p50/p95/p99; and the ratios batched/serial. Both
-servers run side by side and the modes alternate in `--rounds` rounds per level (the median
-round counts), so a change in the machine's load during the run reaches both.
+Each server is a subprocess on loopback (seechat's with OMP_NUM_THREADS=--threads, vLLM's with
+one unbound OpenMP thread), driven by closed-loop clients (threads, one kept-alive http.client
+connection each, every body built before the clock starts): every client sends `--requests`
+requests one after another (default max(4, 64 / clients)), each an easy-VQA-like question about
+a 64x64 image (data URL) asking for `--tokens` greedy tokens. Reported per mode and client count:
+requests/s, completion tokens/s, latency p50/p95/p99; and the ratios batched/serial (and
+vLLM/serial, batched/vLLM). The servers run side by side and the modes alternate in `--rounds`
+rounds per level (the median round counts), so a change in the machine's load reaches all.
+vLLM starts first, within `--vllm-start-timeout` seconds; if it cannot, the results say why.
 The hostile mix: 500 requests from 16 clients, 10% of them oversized or malformed (a 17 MiB body,
 60 KB of text, 1,000 messages, 40 4096x4096 PNGs, bad JSON, NaN temperature, a lone surrogate,
 max_tokens 10^9, a forged turn is valid); every valid request must be answered, none may get a
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import http.client
 import io
 import json
 import os
@@ -92,7 +98,8 @@ def shape_url(i: int) -> str:
 
 def request_body(i: int, tokens: int) -> dict:
     content = [{"type": "image_url", "image_url": {"url": shape_url(i)}}, {"type": "text", "text": QUESTIONS[i % 4]}]
-    return {"model": "model", "messages": [{"role": "user", "content": content}], "max_tokens": tokens}
+    return {"model": "model", "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
+            "temperature": 0}  # greedy in every engine (vLLM's default temperature is 1)
 
 
 class Server:
@@ -138,20 +145,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def load_level(base: str, clients: int, per_client: int, tokens: int) -> dict:
-    """`clients` closed-loop clients, `per_client` requests each."""
+def post_json(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, dict | None]:
+    """One POST to /v1/chat/completions on a kept-alive connection: (status, JSON answer)."""
+    connection.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    response = connection.getresponse()
+    data = response.read()
+    return response.status, (json.loads(data) if response.status == 200 else None)
+
+
+def load_level(base: str, clients: int, per_client: int, tokens: int, model: str = "model") -> dict:
+    """`clients` closed-loop clients, `per_client` requests each. The bodies are built before
+    the clock starts and each client keeps one connection (the standard library's http.client,
+    light on CPU): the load generator shares the machine and must cost the server little."""
     latencies, completion, failures = [], [], []
+    host, port = base.removeprefix("http://").split(":")
+    bodies = [[json.dumps({**request_body(c * per_client + k, tokens), "model": model}).encode()
+               for k in range(per_client)] for c in range(clients)]
 
     def client(c: int) -> None:
-        with httpx.Client(timeout=600) as http:
-            for k in range(per_client):
+        connection = http.client.HTTPConnection(host, int(port), timeout=600)
+        try:
+            for body in bodies[c]:
                 start = time.perf_counter()
-                response = http.post(f"{base}/v1/chat/completions", json=request_body(c * per_client + k, tokens))
+                status, answer = post_json(connection, body)
                 latencies.append(time.perf_counter() - start)
-                if response.status_code != 200:
-                    failures.append(response.status_code)
+                if status != 200:
+                    failures.append(status)
                 else:
-                    completion.append(response.json()["usage"]["completion_tokens"])
+                    completion.append(answer["usage"]["completion_tokens"])
+        finally:
+            connection.close()
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -225,48 +248,112 @@ def hostile_mix(server: Server, n: int, clients: int, tokens: int) -> dict:
             "rss_peak_mib": round(server.peak / 2**20), "rss_growth_mib": round((server.peak - baseline) / 2**20)}
 
 
+class VLLMServer:
+    """vLLM's OpenAI server (its own venv, scripts/vllm_venv.sh) on the exported model, or the
+    reason there is none (`why`). Started with one OpenMP thread, unbound, like seechat's."""
+
+    def __init__(self, model_dir: Path, timeout: float):
+        from seechat.tools.vllm_engine import SCRIPT, start_vllm_server, vllm_python, vllm_venv
+
+        self.server, self.why, self.base = None, None, None
+        if vllm_python() is None:
+            self.why = f"no vLLM venv at {vllm_venv()} (build it with bash {SCRIPT.name})"
+            return
+        from seechat.tools.export import export_llava_hf
+
+        started = time.perf_counter()
+        os.environ.update(OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+        try:
+            export = export_llava_hf(model_dir, model_dir.parent / "llava-hf")
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            self.server = start_vllm_server(export, port=port, model_name="model", max_model_len=512, timeout=timeout)
+            self.base = self.server.url.removesuffix("/v1")
+        except Exception as err:  # noqa: BLE001 - recorded in the results, the rest of the run goes on
+            self.why = f"vLLM did not start: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__}"
+        self.start_s = round(time.perf_counter() - started, 1)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            from seechat.tools.vllm_engine import stop
+
+            stop(self.server)
+
+
+def ratios(results: dict) -> dict:
+    levels = {mode: {lv["clients"]: lv for lv in runs} for mode, runs in results["modes"].items()}
+    serial, batched, vllm = levels["serial"], levels["batched"], levels.get("vllm", {})
+    out = {}
+    for c in serial:
+        out[str(c)] = {"req_per_s": round(batched[c]["req_per_s"] / serial[c]["req_per_s"], 2),
+                       "p99": round(batched[c]["p99_s"] / serial[c]["p99_s"], 2)}
+        if c in vllm:
+            out[str(c)]["vllm_over_serial_req_per_s"] = round(vllm[c]["req_per_s"] / serial[c]["req_per_s"], 2)
+            out[str(c)]["batched_over_vllm_req_per_s"] = round(batched[c]["req_per_s"] / vllm[c]["req_per_s"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--requests", type=int, default=0, help="requests per client (default: max(2, 16 / clients))")
+    parser.add_argument("--requests", type=int, default=0, help="requests per client (default: max(4, 64 / clients))")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per level, the modes alternating; the median counts")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="each server's torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--hostile", type=int, default=500)
+    parser.add_argument("--vllm", choices=["auto", "off"], default="auto",
+                        help="auto: also measure vLLM serving the exported model when its venv exists")
+    parser.add_argument("--vllm-start-timeout", type=float, default=900, help="seconds vLLM may take to start")
     parser.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     args = parser.parse_args()
     results: dict = {"provenance": provenance(), "settings": vars(args), "load_average_at_start": os.getloadavg(),
-                     "modes": {"serial": [], "batched": []}, "rounds": []}
+                     "modes": {"serial": [], "batched": []}, "rounds": [], "load_average_per_level": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = default_shaped_model(Path(tmp))
-        servers = {"serial": Server(model_dir, 1, args.threads), "batched": Server(model_dir, args.max_batch, args.threads)}
+        bases, stoppers = {}, []
         try:
-            for server in servers.values():
-                load_level(server.base, 2, 2, args.tokens)  # warm-up
-            for clients in args.clients:  # the modes alternate, so a change in the machine's load hits both
-                per_client = args.requests or max(2, 16 // clients)
-                runs = {mode: [] for mode in servers}
+            if args.vllm == "auto":  # first: it is slow to start, and its start is bounded
+                vllm = VLLMServer(model_dir, args.vllm_start_timeout)
+                stoppers.append(vllm)
+                results["vllm"] = {"started": vllm.base is not None, "why_not": vllm.why,
+                                   "start_s": getattr(vllm, "start_s", None), "version": "vllm-cpu 0.32.0",
+                                   "env": {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}}
+            else:
+                results["vllm"] = {"started": False, "why_not": "--vllm off"}
+            for mode, batch in (("serial", 1), ("batched", args.max_batch)):
+                server = Server(model_dir, batch, args.threads)
+                stoppers.append(server)
+                bases[mode] = server.base
+            if results["vllm"]["started"]:
+                bases["vllm"] = vllm.base
+                results["modes"]["vllm"] = []
+            for base in bases.values():
+                load_level(base, 2, 2, args.tokens)  # warm-up
+            for clients in args.clients:  # the modes alternate, so a change in the machine's load hits all
+                per_client = args.requests or max(4, 64 // clients)
+                runs = {mode: [] for mode in bases}
                 for _ in range(args.rounds):
-                    for mode, server in servers.items():
-                        runs[mode].append(load_level(server.base, clients, per_client, args.tokens))
+                    for mode, base in bases.items():
+                        runs[mode].append(load_level(base, clients, per_client, args.tokens))
                         print(mode, runs[mode][-1], flush=True)
-                for mode in servers:  # the round with the median throughput
+                for mode in bases:  # the round with the median throughput
                     ordered = sorted(runs[mode], key=lambda lv: lv["req_per_s"])
                     results["modes"][mode].append(ordered[len(ordered) // 2])
                 results["rounds"].append(runs)
+                results["load_average_per_level"][str(clients)] = os.getloadavg()
             if args.hostile:
-                results["hostile_mix"] = hostile_mix(servers["batched"], args.hostile, 16, 8)
+                batched = next(s for s in stoppers if isinstance(s, Server) and s.base == bases["batched"])
+                results["hostile_mix"] = hostile_mix(batched, args.hostile, 16, 8)
                 print("hostile", results["hostile_mix"], flush=True)
         finally:
-            for server in servers.values():
+            for server in stoppers:
                 server.stop()
     results["load_average_at_end"] = os.getloadavg()
-    serial = {lv["clients"]: lv for lv in results["modes"]["serial"]}
+    results["ratios"] = ratios(results)
     batched = {lv["clients"]: lv for lv in results["modes"]["batched"]}
-    results["ratios"] = {
-        str(c): {"req_per_s": round(batched[c]["req_per_s"] / serial[c]["req_per_s"], 2),
-                 "p99": round(batched[c]["p99_s"] / serial[c]["p99_s"], 2)} for c in serial}
     if 1 in batched and 16 in batched:
         results["batched_p99_16_over_1"] = round(batched[16]["p99_s"] / batched[1]["p99_s"], 2)
     write_results(results, args.out, f": {json.dumps(results['ratios'])}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import seechat
-from seechat.models.decoding import BatchDecoder, Sampling, Sequence
+from seechat.models.decoding import BatchDecoder, Sampling, Sequence, image_features
 from seechat.models.prompting import prompt_ids, reply
 from seechat.inference.serve.settings import Limits
 from serve_helpers import Gate, data_url, running, user
@@ -35,9 +35,11 @@ def _conversation(i: int):
     return turns, images
 
 
-def test_batched_rows_joining_midway_answer_as_generate_alone(model):
+@pytest.mark.parametrize("encoded", [False, True])
+def test_batched_rows_joining_midway_answer_as_generate_alone(model, encoded):
     """Left padding, masks, positions and cache merging: each row's greedy tokens equal
-    `generate` on that prompt alone, however rows join and leave."""
+    `generate` on that prompt alone, however rows join and leave. `encoded`: some rows come
+    with their images' encoder outputs (as the server computes them), beside rows with pixels."""
     decoder = BatchDecoder(model, max_batch=4)
     seqs, expected = [], []
     for i in range(7):
@@ -46,6 +48,9 @@ def test_batched_rows_joining_midway_answer_as_generate_alone(model):
         expected.append(reply(model, turns, images, budget))
         pixels = torch.stack([model.image_transform(im) for im in images]) if images else None
         seqs.append(Sequence(prompt_ids(model.tokenizer, turns, model.num_image_tokens), pixels, budget))
+        if encoded and i % 4 == 1:
+            seqs[-1].features, seqs[-1].pixels = image_features(model, pixels), None
+            assert seqs[-1].features is not None and seqs[-1].num_images == 1
     pending, steps = list(seqs), 0
     while pending or decoder.rows:
         if pending and steps % 2 == 0 and decoder.free:  # joins at different steps, 1-2 at a time

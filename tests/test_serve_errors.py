@@ -127,16 +127,15 @@ def test_a_failure_inside_generation_is_a_500_without_internals_streamed_or_not(
 
 def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event_and_done(served, monkeypatch):
     scheduler = scheduler_of(served["app"])
-    real_step, steps = scheduler.decoder.step, []
+    real_step = scheduler.decoder.step
 
-    def failing_step():  # the prefill chose the first token and it was sent; the 3rd step fails
-        steps.append(1)
-        if len(steps) >= 3:
+    def failing_step():  # the first step after the answer's first text was sent fails
+        if any(job.answer.sent for job in scheduler.jobs.values()):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] 0x7f3a5c001234 /work/secret/path")
         return real_step()
 
     monkeypatch.setattr(scheduler.decoder, "step", failing_step)
-    body = {"model": "tiny", "messages": msg(), "stream": True, "max_tokens": 16}
+    body = {"model": "tiny", "messages": msg(), "stream": True, "max_tokens": 64}
     with httpx.stream("POST", f"{served['base']}/v1/chat/completions", json=body, timeout=30) as response:
         assert response.status_code == 200
         rid = response.headers["x-request-id"]

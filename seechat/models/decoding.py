@@ -8,7 +8,8 @@ cache into the running one (both left-padded to a common length; padded position
 so a row attends to exactly what it would attend to alone), `step` decodes one token for every
 row, and finished or cancelled rows leave before the next step. Each row's greedy answer is the
 one `generate` gives for it alone, and a sampled row draws from its own generator exactly as a
-single-row `generate` would, so batching changes no answer (tests/test_serve_batching.py).
+single-row `generate` would, so batching changes no answer (tests/test_serve_batching.py). A row may come with its images'
+encoder outputs (`features`, from `image_features`) instead of pixels: computed before it joins.
 
 Merging needs plain `DynamicLayer` caches (what `generate` uses). If the LM's cache is anything
 else, newcomers wait until the running batch is empty (`joinable` is False): dynamic batching.
@@ -48,13 +49,27 @@ class Sequence:
     max_new_tokens: int = 32
     sampling: Sampling = field(default_factory=Sampling)
     on_token: Callable[[int], bool] | None = None
+    features: torch.Tensor | None = None  # the images' encoder outputs instead of pixels (`image_features`)
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     cancelled: bool = False
 
     @property
     def num_images(self) -> int:
-        return 0 if self.pixels is None else int(self.pixels.shape[0])
+        images = self.features if self.features is not None else self.pixels
+        return 0 if images is None else int(images.shape[0])
+
+
+@torch.no_grad()
+def image_features(model: Any, pixels: torch.Tensor | None) -> torch.Tensor | None:
+    """The vision encoder's outputs for `pixels` when the model has an encoder whose outputs its
+    `embed` takes (`image_features`), else None. A server computes them beside the decoding
+    thread (each request's images alone, as `generate` on that request alone would), so the
+    prefill of joining rows runs only the adapter and the LM."""
+    encoder = getattr(model, "encoder", None)
+    if pixels is None or encoder is None:
+        return None
+    return encoder(pixels.to(model.device))
 
 
 class BatchDecoder:
@@ -134,9 +149,14 @@ class BatchDecoder:
         pad = self.model.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(s.ids)) + s.ids for s in seqs], device=device)
         mask = torch.tensor([[0] * (width - len(s.ids)) + [1] * len(s.ids) for s in seqs], device=device)
-        pixels = [s.pixels for s in seqs if s.pixels is not None]
         counts = torch.tensor([s.num_images for s in seqs], device=device)
-        embeds = self.model.embed(ids, torch.cat(pixels).to(device) if pixels else None, counts)
+        if any(s.features is not None for s in seqs):  # encoder outputs given: the rest computed alike
+            features = [s.features if s.features is not None else image_features(self.model, s.pixels)
+                        for s in seqs if s.num_images]
+            embeds = self.model.embed(ids, None, counts, image_features=torch.cat(features).to(device))
+        else:
+            pixels = [s.pixels for s in seqs if s.pixels is not None]
+            embeds = self.model.embed(ids, torch.cat(pixels).to(device) if pixels else None, counts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,

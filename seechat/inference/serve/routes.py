@@ -26,7 +26,7 @@ from seechat.inference.serve.errors import APIError, error_body, install_handler
 from seechat.inference.serve.limits import Limits, Params, answer_budget, parse_json, parse_params
 from seechat.inference.serve.messages import decode, to_conversation
 from seechat.inference.serve.scheduler import Job, Result, Scheduler
-from seechat.models.decoding import Sampling
+from seechat.models.decoding import Sampling, image_features
 from seechat.models.prompting import prompt_ids
 
 CHARS_PER_TOKEN = 32  # no real prompt averages more characters per token: a cheap bound before tokenising
@@ -165,15 +165,19 @@ def _prompt_problem(err: ValueError) -> str:
     return "the model's chat template cannot render these messages (e.g. roles must alternate)"
 
 
-async def _pixels(images: list, state: dict, rid: str | None) -> torch.Tensor | None:
+async def _pixels(images: list, state: dict, rid: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The request's images decoded, and their encoder outputs where the model takes those (run
+    here, in a worker thread under the same semaphore, not in the decoding thread)."""
     if not images:
-        return None
-    semaphore, limits, transform = state["decode_slots"], state["limits"], state["model"].image_transform
+        return None, None
+    semaphore, limits, model = state["decode_slots"], state["limits"], state["model"]
     pixels = []
     for ref in images:
         async with semaphore:
-            pixels.append(await anyio.to_thread.run_sync(decode, ref, limits, transform, rid))
-    return torch.stack(pixels)
+            pixels.append(await anyio.to_thread.run_sync(decode, ref, limits, model.image_transform, rid))
+    async with semaphore:
+        stacked = torch.stack(pixels)
+        return stacked, await anyio.to_thread.run_sync(image_features, model, stacked)
 
 
 def create_app(model: Any, model_name: str, image_dir: str | Path | None = None, max_new_tokens: int = 256, *,
@@ -210,12 +214,12 @@ def create_app(model: Any, model_name: str, image_dir: str | Path | None = None,
         params, ids, images, budget = await _prepare(request, state)
         scheduler.reserve()  # 429 when the queue is full, before any image is decoded
         try:
-            pixels = await _pixels(images, state, rid)
+            pixels, features = await _pixels(images, state, rid)
         except BaseException:
             scheduler.release()
             raise
         job = scheduler.submit(ids, pixels, budget, sampling_of(params, model.device), params.stops,
-                               limits.request_timeout, rid, streaming=params.stream)
+                               limits.request_timeout, rid, streaming=params.stream, features=features)
         meta = {"id": f"chatcmpl-{rid.removeprefix('req_')}", "created": int(time.time()), "model": model_name}
         return await _answer(request, job, params, meta, scheduler)
 

@@ -138,10 +138,12 @@ class Scheduler:
             self.reserved -= 1
 
     def submit(self, ids: list[int], pixels: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
-               stops: list[str], timeout: float, request_id: str, streaming: bool = True) -> Job:
-        """Queue a prepared request (its place was reserved); its events arrive on `job.events`."""
+               stops: list[str], timeout: float, request_id: str, streaming: bool = True,
+               features: torch.Tensor | None = None) -> Job:
+        """Queue a prepared request (its place was reserved); its events arrive on `job.events`.
+        `features`: its images' encoder outputs, computed already (then `pixels` is not needed)."""
         answer = AnswerText(self.model.tokenizer, stops)
-        seq = Sequence(ids, pixels, max_new_tokens, sampling)
+        seq = Sequence(ids, None if features is not None else pixels, max_new_tokens, sampling, features=features)
         job = Job(seq, answer, asyncio.get_running_loop(), time.monotonic() + timeout, request_id, streaming=streaming)
 
         def on_token(token: int) -> bool:
