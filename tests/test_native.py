@@ -164,6 +164,8 @@ def test_native_trains_through_the_shared_loop(trained):
     meta = json.loads((trained["out"] / "final" / "seechat.json").read_text())
     assert meta["model"]["kind"] == "native" and meta["modes"]["llm"] == "full"
     assert trained["summary"]["trainable_parameters"] > 0
+    model = load(trained["out"] / "final")
+    assert [name for name, _ in model.named_children()] == list(model.parts) == ["vq", "llm"]
 
 
 def test_native_load_evaluate_and_supervise_drawn_images(trained, native_data):

@@ -40,10 +40,14 @@ class SeeChatVLM(nn.Module):
     # stage names); every part is an attribute of the model.
     parts: ClassVar[dict[str, tuple[str, ...]]]
 
-    def __init__(self, config: dict, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, config: dict, tokenizer: PreTrainedTokenizerBase, **parts: nn.Module):
         super().__init__()
         self.config = config
-        self.llm = llm
+        # Registered in the declared order, so `parameters()` walks the parts as `parts` lists
+        # them: the gradient norm that clipping and the guard use sums its per-tensor norms in
+        # that order (registering the LM first changed its last bit, and the finetune's answers).
+        for name in self.parts:
+            setattr(self, name, parts[name])
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.modes: dict[str, str] = {}

@@ -47,8 +47,7 @@ class NativeVLM(SeeChatVLM):
     parts = {"vq": ("frozen",), "llm": ("full", "frozen")}
 
     def __init__(self, config: dict, vq: VQTokenizer, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
-        super().__init__(config, llm, tokenizer)
-        self.vq = vq
+        super().__init__(config, tokenizer, vq=vq, llm=llm)
         bounds = boundary_ids(tokenizer)
         if bounds is None:
             raise ValueError("the native tokenizer needs image boundary tokens (load it with image_boundary_tokens)")

@@ -37,9 +37,7 @@ class StitchedVLM(SeeChatVLM):
         llm: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
     ):
-        super().__init__(config, llm, tokenizer)
-        self.encoder = encoder
-        self.adapter = adapter
+        super().__init__(config, tokenizer, encoder=encoder, adapter=adapter, llm=llm)
 
     @property
     def num_image_tokens(self) -> int:
