@@ -2,7 +2,7 @@
 the server did before batching) against the batched one (continuous batching), and vLLM
 serving the same model exported to llava-hf where its venv exists (scripts/vllm_venv.sh),
 measured in one run on a model of the embedded default's shape with the exportable tower
-(experts.exportable_vision_config: SigLIP-shaped, 16-px patches; the Qwen2 LM; random init,
+(experts.vision_config: SigLIP-shaped, 16-px patches; the Qwen2 LM; random init,
 stitched by recipes/easyvqa_align.yaml), plus a hostile mix.
 
     .venv/bin/python benchmarks/serve.py [--clients 1 4 16 32 --requests 4 --tokens 32 --vllm auto]
@@ -60,14 +60,14 @@ def default_shaped_model(root: Path) -> Path:
 
     from seechat import build_model, resources
     from seechat.config import load_recipe
-    from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, exportable_vision_config
+    from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, vision_config
     from seechat.experiments.tiny import train_tokenizer
     from seechat.models.kinds import stage_modes
 
     torch.manual_seed(0)
     corpus = [f"{c} {s}\n{q}" for c in COLORS for s in SHAPES for q in QUESTIONS] + ["yes", "no"] * 20
     tokenizer = train_tokenizer(corpus, vocab_size=300, template="chatml")
-    SiglipVisionModel(exportable_vision_config()).save_pretrained(root / "vision")
+    SiglipVisionModel(vision_config()).save_pretrained(root / "vision")
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(root / "vision")
     AutoModelForCausalLM.from_config(llm_config(len(tokenizer))).save_pretrained(root / "llm")

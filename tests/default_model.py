@@ -1,8 +1,8 @@
-"""A tiny model of the easy-VQA default's exportable variant, built in seconds: the demo LM's
-config and the 16-px SigLIP-shaped tower (seechat/experiments/easyvqa/experts.py:
-exportable_vision_config, 16 image tokens, no CLS) at random init, stitched by the default recipe
-(recipes/easyvqa_align.yaml) without its pixel shuffle, with the adapter randomised. Used by the
-export tests (llava-hf, GGUF, vLLM)."""
+"""A model of the easy-VQA default's exact shape, built in seconds: the demo LM's config and
+tower (seechat/experiments/easyvqa/experts.py: vision_config, SigLIP-shaped with 16-px patches,
+16 image tokens, no CLS) at random init, stitched by the default recipe
+(recipes/easyvqa_align.yaml), with the adapter randomised. Used by the export tests (llava-hf,
+GGUF, vLLM)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModelForCausalLM, CLIPImageProcessor, SiglipVisionModel
+from transformers import AutoModelForCausalLM, AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration, SiglipVisionModel
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from seechat import build_model, resources
 from seechat.config import load_recipe
-from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, exportable_vision_config
+from seechat.experiments.easyvqa.experts import COLORS, IMAGE_SIZE, SHAPES, llm_config, vision_config
 from seechat.experiments.tiny import train_tokenizer
 from seechat.models.kinds import stage_modes
 
@@ -30,15 +30,14 @@ def default_shaped_model(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     experts = root / "experts"
     tokenizer = train_tokenizer(CORPUS, vocab_size=300, template="chatml")
-    SiglipVisionModel(exportable_vision_config()).save_pretrained(experts / "vision")
+    SiglipVisionModel(vision_config()).save_pretrained(experts / "vision")
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(experts / "vision")
     llm = AutoModelForCausalLM.from_config(llm_config(len(tokenizer)), attn_implementation="eager")
     llm.save_pretrained(experts / "llm")
     tokenizer.save_pretrained(experts / "llm")
     recipe = load_recipe(resources.recipe_file("easyvqa_align.yaml"),
-                         [f"model.encoder.name={experts / 'vision'}", f"llm.name_or_path={experts / 'llm'}",
-                          "adapter.pixel_shuffle=1", "encoder.keep_cls=false"])
+                         [f"model.encoder.name={experts / 'vision'}", f"llm.name_or_path={experts / 'llm'}"])
     model = build_model(recipe["model"], stage_modes("align", recipe["model"]))
     with torch.no_grad():
         for p in model.adapter.parameters():
@@ -74,6 +73,22 @@ def seechat_answers(model, pairs: list[tuple[str, str]], max_new_tokens: int = 4
         with torch.no_grad():
             answers += model.decode(model.generate(**batch, max_new_tokens=max_new_tokens))
     return [a.strip() for a in answers]
+
+
+def llava_answers(out_dir, pairs, max_new_tokens=4):
+    """Greedy answers and last-prompt logits of an exported Llava (transformers), one question at a time."""
+    processor = AutoProcessor.from_pretrained(out_dir, backend="pil")
+    llava = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
+    answers, logits = [], []
+    for path, question in pairs:
+        messages = [{"role": "user", "content": [{"type": "image", "path": path}, {"type": "text", "text": question}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            logits.append(llava(**inputs).logits[0, -1])
+            tokens = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(processor.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers, torch.stack(logits)
 
 
 def demo_test_pairs(n: int) -> list[tuple[str, str]] | None:

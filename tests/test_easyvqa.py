@@ -103,6 +103,14 @@ def test_demo_pipeline_end_to_end_smoke(easyvqa, tmp_path, monkeypatch):
     assert result["align"]["steps"] == result["finetune"]["steps"] == 2
     rows = [json.loads(x) for x in Path("runs/demo/predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["images"][0].startswith("images/test/") for r in rows)
+    # The default's final model exports to stock Llava as it is (16 image tokens, no CLS, no pixel
+    # shuffle) and answers these test questions there exactly as `seechat eval` did here.
+    from default_model import llava_answers
+    from seechat.tools.export import export_llava_hf
+
+    exported = export_llava_hf(result["final"], tmp_path / "llava")
+    pairs = [(str(Path("data/generated/easyvqa") / r["images"][0]), r["question"]) for r in rows]
+    assert llava_answers(exported, pairs)[0] == [r["prediction"] for r in rows]
     # the per-type breakdown counts every evaluated question once
     by_type = {}
     for row in rows:

@@ -5,26 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from default_model import default_shaped_model, seechat_answers, shape_images
+from default_model import default_shaped_model, llava_answers, seechat_answers, shape_images
 from seechat import load
 from seechat.tools.export import export_llava_hf
-
-
-def llava_answers(out_dir, pairs, max_new_tokens=4):
-    processor = AutoProcessor.from_pretrained(out_dir, backend="pil")
-    llava = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
-    answers, logits = [], []
-    for path, question in pairs:
-        messages = [{"role": "user", "content": [{"type": "image", "path": path}, {"type": "text", "text": question}]}]
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")
-        with torch.no_grad():
-            logits.append(llava(**inputs).logits[0, -1])
-            tokens = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(processor.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return answers, torch.stack(logits)
 
 
 def test_default_shaped_model_exports_to_llava_with_the_same_answers(tmp_path):

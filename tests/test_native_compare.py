@@ -71,8 +71,8 @@ def test_compare_quick_runs_every_path_and_writes_the_table(experts, tmp_path, c
     assert rows["native"]["starts_from"] == "the text LM, vocabulary grown by the VQ codes"
     assert rows["native_scratch"]["starts_from"].startswith("nothing: LM from scratch")
     assert rows["native"]["image_tokens"] == rows["native_scratch"]["image_tokens"] == 4 * 4 + 2
-    # mlp inherits the default's pixel shuffle 2 and CLS: 4x4 patches -> 2x2 tokens + CLS
-    assert rows["mlp"]["image_tokens"] == 2 * 2 + 1 and rows["qformer"]["image_tokens"] == 16
+    # mlp inherits the default's one token per patch (no pixel shuffle, the CLS dropped): 4x4
+    assert rows["mlp"]["image_tokens"] == 4 * 4 and rows["qformer"]["image_tokens"] == 16
     # the grown native LM has the text LM's width; the one from scratch the recipe's llm.config
     grown, scratch = (json.loads((Path(results["runs"][i]["final"]) / "llm" / "config.json").read_text())
                       for i in (3, 4))

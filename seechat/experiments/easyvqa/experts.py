@@ -3,11 +3,11 @@
 Nothing pretrained can be downloaded, so each expert is first trained the way its real
 counterpart was, at toy scale:
   tokenizer  byte-level BPE on the training questions and answers, ChatML template
-  vision     a SigLIP-architecture ViT (no CLS token) trained with CLIP's contrastive (InfoNCE)
-             loss through its attention-pooling head against captions made
-             from the training answers ("red shape", "circle"); each image is scored against
-             every distinct caption, so images sharing a caption are not pushed apart; random
-             flips and shifts stand in for the variety of a web-scale image set
+  vision     a SigLIP-architecture ViT with 16-px patches (4x4 grid, no CLS, no pooling head)
+             trained with CLIP's contrastive (InfoNCE) loss through the mean of its patch tokens
+             against captions made from the training answers ("red shape", "circle"); each image
+             is scored against every distinct caption, so images sharing a caption are not pushed
+             apart; random flips and shifts stand in for the variety of a web-scale image set
   llm        a Qwen2-architecture chat LM trained on the training questions with each image
              replaced by its caption words ("blue circle\nis there a red shape?" -> "no"): it
              learns the task's reasoning over text, as a real LLM brings it
@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig
+from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from seechat.precision import autocast_dtype, resolve_mixed_precision
 from seechat.experiments.tiny import tiny_llm_config, train_tokenizer
@@ -38,13 +38,16 @@ logger = logging.getLogger(__name__)
 
 # Bump when the way experts are made changes, so that runs/demo/experts made by an older
 # version are rebuilt instead of reused (2: the LM's init std 0.02 -> 0.1; 3: the vision tower is
-# SigLIP-shaped with 16-px patches, was CLIP with 8-px patches; 4: back to CLIP with 8-px patches,
-# see exportable_vision_config).
-EXPERTS_VERSION = 4
+# SigLIP-shaped with 16-px patches, was CLIP with 8-px patches; 4: back to CLIP with 8-px patches;
+# 5: SigLIP-shaped with 16-px patches, no pooling head, pretrained 24 epochs through the patch mean).
+EXPERTS_VERSION = 5
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 IMAGE_SIZE = 64
+# The tower's pretraining epochs: with 16 tokens per image 8 were too few for shape (see
+# vision_config); 24 take less time than 8 did for the 8-px CLIP tower (65 tokens).
+VISION_EPOCHS = 24
 
 
 def qa_pairs(samples: list[dict]) -> list[tuple[str, str, str]]:
@@ -97,29 +100,21 @@ def build_tokenizer(pairs: list[tuple[str, str, str]], out: Path, vocab_size: in
     return tokenizer
 
 
-def vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 8) -> CLIPVisionConfig:
-    """The demo tower's shape: a CLIP ViT with 8-px patches (8x8 grid + CLS; the default recipe
-    folds 2x2 patches into one token with `adapter.pixel_shuffle: 2`: 17 image tokens)."""
-    config = CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden_size // 32), projection_dim=hidden_size,
-    )
-    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
-    return config
-
-
-def exportable_vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 16) -> SiglipVisionConfig:
-    """A SigLIP-shaped tower with 16-px patches (4x4 grid, no CLS: 16 image tokens with no pixel
-    shuffle), the shape stock Llava (vLLM) and llama.cpp take as it is. Tried as the demo's
-    tower it scored 92.70% on the test split (seed 0; shape questions 76.7%) against 99.3% for
-    the default's 8-px CLIP tower, so the default keeps the latter; the export tests use this one."""
+def vision_config(hidden_size: int = 128, layers: int = 4, patch_size: int = 16) -> SiglipVisionConfig:
+    """The demo tower's shape: SigLIP with 16-px patches on 64-px images, a 4x4 grid and no CLS:
+    16 image tokens with no pixel shuffle, which stock Llava (vLLM) and llama.cpp take as they
+    are. No attention-pooling head: it is pretrained through the mean of its patch tokens, which
+    the LM reads too. What made it as accurate as the earlier 8-px CLIP tower with CLS and
+    pixel shuffle (17 tokens) was the pretraining length (VISION_EPOCHS), not the head: a
+    logistic probe for shape on the mean of the tokens the adapter reads (test images) gave
+    76.9% after 8 epochs and 98.0% after 24 (with SigLIP's head: 75.1% and 97.5%; the CLIP
+    tower after 8: 96.3%). Demo, seed 0: 99.37% test (shape questions 98.17%)."""
     config = SiglipVisionConfig(
         image_size=IMAGE_SIZE, patch_size=patch_size, hidden_size=hidden_size,
         intermediate_size=hidden_size * 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden_size // 32),
+        num_attention_heads=max(1, hidden_size // 32), vision_use_head=False,
     )
-    config._attn_implementation = "eager"
+    config._attn_implementation = "eager"  # faster than SDPA for tiny models on CPU
     return config
 
 
@@ -139,16 +134,16 @@ def build_vision(
     image_root: Path,
     attributes: dict[str, dict[str, str]],
     out: Path,
-    epochs: int = 8,
+    epochs: int = VISION_EPOCHS,
     batch_size: int = 64,
     hidden_size: int = 128,
     layers: int = 4,
-    patch_size: int = 8,
+    patch_size: int = 16,
     lr: float = 1e-3,
     augment: bool = True,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-) -> CLIPVisionModel:
+) -> SiglipVisionModel:
     """`seechat experts`' tower training (seechat/tools/experts/vision.py) with easy-VQA's two
     heads: colour ("red shape", ...) and shape, each image's known from its answers.
     `dtype`: autocast dtype (None: fp32)."""
@@ -186,7 +181,7 @@ def build_llm(pairs: list[tuple[str, str, str]], attributes: dict[str, dict[str,
 MARKER = "experts.json"
 
 
-def expert_settings(seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
+def expert_settings(seed: int = 0, vision_epochs: int = VISION_EPOCHS, llm_epochs: int = 1,
                     max_train_samples: int | None = None, mixed_precision: str = "auto") -> dict:
     """What `experts.json` records: experts made with other settings are not reused."""
     return {"version": EXPERTS_VERSION, "seed": seed, "vision_epochs": vision_epochs,
@@ -194,7 +189,7 @@ def expert_settings(seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
             "mixed_precision": resolve_mixed_precision(mixed_precision)}
 
 
-def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = 8, llm_epochs: int = 1,
+def build_experts(data_dir: str, out_dir: str, seed: int = 0, vision_epochs: int = VISION_EPOCHS, llm_epochs: int = 1,
                   max_train_samples: int | None = None, mixed_precision: str = "auto") -> dict[str, str]:
     """Train the three experts on the training split (`train_multiturn.json`: every training
     question once, grouped by image); returns their directories."""

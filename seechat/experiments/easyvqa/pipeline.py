@@ -1,7 +1,7 @@
 """The embedded default, end to end: easy-VQA data -> tiny experts pretrained on the training
 split -> align -> finetune -> test accuracy -> `runs/demo/report.md`.
 
-Nothing pretrained can be downloaded here, so the experts (tokenizer, CLIP-style vision tower,
+Nothing pretrained can be downloaded here, so the experts (tokenizer, SigLIP-style vision tower,
 Qwen2-style LM) are first trained on training data only (`experts.py`); then they are stitched
 exactly like the real recipes do with downloaded experts. The test split is never trained on.
 """
