@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModelForCausalLM, AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration, SiglipVisionModel
+from transformers import AutoModelForCausalLM, AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from seechat import build_model, resources
@@ -30,7 +30,15 @@ def default_shaped_model(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     experts = root / "experts"
     tokenizer = train_tokenizer(CORPUS, vocab_size=300, template="chatml")
-    SiglipVisionModel(vision_config()).save_pretrained(experts / "vision")
+    # Drawn with SigLIP's pooling head and then saved without it (the default has none), so the
+    # random LM drawn next is the one the engine tests (GGUF, vLLM) were checked on: its greedy
+    # tokens after the first are near-ties (and partial UTF-8 bytes) that another draw can flip.
+    with_head = SiglipVisionModel(SiglipVisionConfig(**{**vision_config().to_dict(), "vision_use_head": True}))
+    with torch.random.fork_rng():  # its own init draws nothing from the stream the LM reads
+        tower = SiglipVisionModel(vision_config())
+    tower.load_state_dict({k: v for k, v in with_head.state_dict().items() if not k.startswith("vision_model.head.")
+                           and not k.startswith("head.")})
+    tower.save_pretrained(experts / "vision")
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(experts / "vision")
     llm = AutoModelForCausalLM.from_config(llm_config(len(tokenizer)), attn_implementation="eager")
