@@ -186,6 +186,17 @@ def _read_all(sock) -> bytes:
     return data
 
 
+def _trickle(sock, start: bytes) -> None:
+    """Send `start`, then one more header byte every 0.1 s (for 5 s, or until the server closes)."""
+    sock.sendall(start)
+    try:
+        for _ in range(50):
+            sock.sendall(b"X")
+            time.sleep(0.1)
+    except OSError:
+        pass
+
+
 def test_slow_heads_slow_bodies_and_idle_connections_are_closed(model):
     limits = Limits(header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=1.0)
     with running(model, limits) as (base, _):
@@ -193,13 +204,7 @@ def test_slow_heads_slow_bodies_and_idle_connections_are_closed(model):
         with _raw(base) as idle:  # connects and sends nothing
             assert _read_all(idle).startswith(b"HTTP/1.1 408")
         with _raw(base) as slow:  # slowloris: one header byte every 0.1 s
-            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
-            try:
-                for _ in range(50):
-                    slow.sendall(b"X")
-                    time.sleep(0.1)
-            except OSError:
-                pass
+            _trickle(slow, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
             assert _read_all(slow).startswith(b"HTTP/1.1 408")
         assert time.time() - start < 4
         with _raw(base) as body:  # the head is in, the body never completes
@@ -237,12 +242,6 @@ def test_the_next_head_on_a_kept_alive_connection_is_timed_too(model):
                 first += kept.recv(65536)
             assert first.startswith(b"HTTP/1.1 200")
             start = time.time()
-            kept.sendall(b"GET /health HTTP/1.1\r\n")  # then one header byte every 0.1 s
-            try:
-                for _ in range(50):
-                    kept.sendall(b"X")
-                    time.sleep(0.1)
-            except OSError:
-                pass
+            _trickle(kept, b"GET /health HTTP/1.1\r\n")
             assert _read_all(kept).startswith(b"HTTP/1.1 408")
             assert time.time() - start < 4
