@@ -26,7 +26,7 @@ EXPERTS_VERSION = 2  # 2: the recipes fold the 4x4 patch grid into one token (ad
 # from a few thousand images (digits: 77% for a logistic regression on it, after 40 epochs),
 # while its 16 patch tokens together keep what the pixels hold (97.7%, raw pixels 98.0%); read
 # one token per patch (no pixel shuffle), the LM had to combine 16 tokens it never saw in its
-# own training: 91.6% on digits, 98.9% with the grid folded (docs/data.md).
+# own training: 92.6% on digits, 98.2% with the grid folded (same experts; docs/data.md).
 GRID = 4
 
 
