@@ -73,8 +73,7 @@ def default_shaped_model(root: Path) -> Path:
     AutoModelForCausalLM.from_config(llm_config(len(tokenizer))).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     recipe = load_recipe(resources.recipe_file("easyvqa_align.yaml"),
-                         [f"model.encoder.name={root / 'vision'}", f"llm.name_or_path={root / 'llm'}",
-                          "adapter.pixel_shuffle=1", "encoder.keep_cls=false"])
+                         [f"model.encoder.name={root / 'vision'}", f"llm.name_or_path={root / 'llm'}"])
     model = build_model(recipe["model"], stage_modes("align", recipe["model"]))
     with torch.no_grad():
         for p in model.adapter.parameters():
