@@ -106,3 +106,32 @@ def test_vq_sweep_table_with_the_pixel_judge(tmp_path):
     assert (tmp_path / "sweep" / "vq_sweep.md").read_text() == text
     again = sweep(tmp_path / "data", tmp_path / "sweep", ["8x8-1000"], epochs=1)  # trained tokenizers are reused
     assert again["8x8-1000"]["train_seconds"] == rows["8x8-1000"]["train_seconds"]
+
+
+def test_grouped_questions_keep_every_balanced_draw_and_read_each_image_once_per_conversation():
+    from collections import Counter
+
+    from seechat.experiments.easyvqa.prepare import balanced, yes_no_family
+    from seechat.experiments.native_prepare import grouped_questions
+
+    def q(i, image, question, answer):
+        return {"id": f"t{i}", "image": f"images/{image}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+
+    single = [q(i, i % 5, *pair) for i, pair in enumerate(
+        [("what shape is in the image?", "circle"), ("is there a red shape?", "no"),
+         ("is there a red shape?", "yes"), ("is there a blue shape?", "no"), ("what color is the shape?", "red")] * 7)]
+    grouped = grouped_questions(single, turns=3, seed=4, passes=2)
+    assert len({s["id"] for s in grouped}) == len(grouped)
+    pairs = Counter()
+    for s in grouped:
+        turns = s["conversations"]
+        assert 1 <= len(turns) // 2 <= 3 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
+        pairs.update((s["image"], t["value"].replace("<image>\n", ""), a["value"]) for t, a in zip(turns[::2], turns[1::2]))
+    # exactly the questions of two balanced draws, each yes/no family with as many yes as no
+    drawn = Counter((s["image"], s["conversations"][0]["value"].replace("<image>\n", ""), s["conversations"][1]["value"])
+                    for p in range(2) for s in balanced(single, 4 + p, passes=1))
+    assert pairs == drawn
+    families = Counter((yes_no_family(q(0, 0, k[1], k[2])), k[2]) for k in pairs.elements())
+    assert families[("color", "yes")] == families[("color", "no")] > 0

@@ -152,7 +152,8 @@ def prepare_native_inputs(cfg: dict, data: Path) -> dict:
     return prepare_native(data, Path(cfg["output_dir"]) / "native_prepare", vq_epochs=native["vq_epochs"],
                           vq_config=native["vq_config"], seed=cfg["seeds"][0],
                           vq_max_seconds=native.get("vq_max_seconds"), draw_repeats=native.get("draw_repeats", 1),
-                          image_only=native.get("image_only", False))
+                          image_only=native.get("image_only", False),
+                          questions_per_sample=native.get("questions_per_sample", 1))
 
 
 def train_native(cfg: dict, name: str, spec: dict, experts: Path, data: Path, seed: int, prep: dict) -> list[dict]:

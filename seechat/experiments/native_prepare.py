@@ -9,6 +9,10 @@
    `image_only` one image-only sample per training image (an empty prompt answered by the image:
    the images' own distribution, every code a target, Chameleon's image documents).
 
+The VQA part is `train_balanced.json` (one question per sample) or, with `questions_per_sample`
+N > 1, the same balanced draws grouped by image into conversations of up to N questions: an
+image's 64 codes are then read once per several answers instead of once per answer.
+
 The codes of the questions' images are targets too with the recipe's `model.native.user_image_weight`.
 
     python -m seechat.experiments.native_prepare --data data/generated/easyvqa --out runs/native
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,6 +54,19 @@ def image_only_samples(images: Sequence[str]) -> list[dict]:
         {"from": "human", "value": ""}, {"from": "gpt", "value": "<image>"}]} for image in sorted(set(images))]
 
 
+def grouped_questions(single: list[dict], turns: int, seed: int, passes: int = 2) -> list[dict]:
+    """`passes` balanced draws of the single-question samples (as `train_balanced.json`: every
+    yes/no family even), each grouped by image into conversations of at most `turns` questions."""
+    from seechat.experiments.easyvqa.prepare import balanced, multiturn
+
+    out = []
+    for p in range(passes):
+        draw = balanced(single, seed + p, passes=1)
+        out += [{**s, "id": f"{s['id']}-p{p}"} for s in multiturn(draw, seed + p, turns)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def training_mix(train: list[dict], multiturn: list[dict], draw_repeats: int = 1,
                  image_only: bool = False) -> tuple[list[dict], dict[str, int]]:
     """The native training file: the VQA conversations, the drawings (x `draw_repeats`, ids made
@@ -64,7 +82,7 @@ def training_mix(train: list[dict], multiturn: list[dict], draw_repeats: int = 1
 def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 12, vq_config: dict | None = None,
                    heldout_images: int = 500, mixed_precision: str = "auto", seed: int = 0,
                    vq_max_seconds: float | None = None, draw_repeats: int = 1,
-                   image_only: bool = False) -> dict[str, Any]:
+                   image_only: bool = False, questions_per_sample: int = 1) -> dict[str, Any]:
     """Train the VQ tokenizer and write the native training file; returns paths and metrics.
     Reuses `<out>/vq` when its metrics file says it was made with the same settings."""
     data, out = Path(data_dir), Path(out_dir)
@@ -90,8 +108,11 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
                    "settings": settings}
         vq.save_pretrained(out / "vq")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")  # written last: marks the VQ complete
-    samples, mix = training_mix(json.loads((data / "train_balanced.json").read_text()),
-                                json.loads((data / "train_multiturn.json").read_text()), draw_repeats, image_only)
+    if questions_per_sample < 1:
+        raise ValueError(f"questions_per_sample={questions_per_sample} must be >= 1")
+    vqa = (json.loads((data / "train_balanced.json").read_text()) if questions_per_sample == 1 else
+           grouped_questions(json.loads((data / "train.json").read_text()), questions_per_sample, seed))
+    samples, mix = training_mix(vqa, json.loads((data / "train_multiturn.json").read_text()), draw_repeats, image_only)
     (out / "train_native.json").write_text(json.dumps(samples))
     return {"vq": str(out / "vq"), "train": str(out / "train_native.json"), "vq_metrics": metrics,
             "draw_samples": mix["draw"], "mix": mix, "vq_seconds": vq_seconds}
@@ -106,9 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vq-epochs", type=int, default=12)
     parser.add_argument("--draw-repeats", type=int, default=1, help="copies of each drawing sample")
     parser.add_argument("--image-only", action="store_true", help="add one image-only sample per training image")
+    parser.add_argument("--questions-per-sample", type=int, default=1,
+                        help="group the balanced questions by image into conversations of up to N questions")
     args = parser.parse_args(argv)
     result = prepare_native(args.data, args.out, vq_epochs=args.vq_epochs, draw_repeats=args.draw_repeats,
-                            image_only=args.image_only)
+                            image_only=args.image_only, questions_per_sample=args.questions_per_sample)
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
     return 0
 
