@@ -45,10 +45,20 @@ def test_max_seconds_stops_the_loop_and_saves_final(experts, tiny_vqa, tmp_path)
 def test_train_for_sizes_steps_to_the_budget(experts, tiny_vqa, tmp_path):
     recipe = tiny_recipe(experts, tiny_vqa, str(tmp_path / "run"))
     summary = train_for(recipe, seconds=3.0, calibration_steps=3)
-    assert summary["planned_steps"] == max(1, int(3.0 / summary["calibrated_step_seconds"]))
+    assert summary["calibrated_step_seconds"] == 3.0 / summary["planned_steps"]
     assert summary["steps"] <= summary["planned_steps"]
     assert summary["loop_seconds"] < 3.0 + 5
     assert not (tmp_path / "run-calibration").exists()  # the probe run is cleaned up
+
+
+def test_planned_steps_count_the_slow_start_once_then_the_steady_step():
+    from seechat.experiments.compare import planned_steps
+
+    # 4 slow steps (1.5 s), then 0.25 s: 7 s after 8 steps, and the second half's median is 0.25 s
+    elapsed = [1.5, 3.0, 4.5, 6.0, 6.25, 6.5, 6.75, 7.0]
+    assert planned_steps(elapsed, 30.0) == 8 + 92  # (30 - 7) / 0.25 more; 30 s / the mean step would give 34
+    assert planned_steps(elapsed, 3.5) == 4  # a budget inside the probe: the probe's own mean step
+    assert planned_steps([2.0], 10.0) == 5 and planned_steps([0.5, 1.0], 0.1) == 1
 
 
 def test_result_files(tmp_path):

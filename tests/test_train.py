@@ -234,8 +234,8 @@ def test_data_val_is_validated_on_the_way_and_changes_no_training_number(experts
     assert f"step 5: val/accuracy {again['accuracy']:.4f} ({again['correct']}/6, {tiny_vqa['test']})" in (
         capsys.readouterr().out)
     merged = read_metrics(out / "metrics.jsonl")  # a step's training and validation records are one
-    assert [sorted(r) for r in merged][1] == ["loss", "lr", "samples_per_s", "step", "val/accuracy", "val/correct",
-                                              "val/n"]
+    assert [sorted(r) for r in merged][1] == ["loss", "lr", "samples_per_s", "seconds", "step", "val/accuracy",
+                                              "val/correct", "val/n"]
     assert (out / "logs" / "val_accuracy.png").is_file()
     assert plain["steps"] == summary["steps"] == 5 and "val_accuracy" not in plain
 

@@ -8,7 +8,8 @@ training-time budget, over several seeds, scored on the same test split.
 
 Equal time, not equal steps: a path whose step is cheaper gets more steps. A cosine schedule has
 to know its length, so each stage is first timed for a few steps (`calibration_steps`, not
-counted), its `max_steps` set to budget / step time, and `train.max_seconds` stops it at the
+counted), its `max_steps` set to fill the budget (`planned_steps`: the probe's slow start, then
+its steady step), and `train.max_seconds` stops it at the
 budget if the estimate was optimistic. Stitched paths split their budget between align and
 finetune (`align_fraction`). The experts are not counted and are the same for every path and
 seed: the demo's tokenizer, vision tower and text LM (`seechat.experiments.easyvqa.pipeline.ensure_default_inputs`;
@@ -90,9 +91,8 @@ def _absolute_paths(cfg: dict, base: Path) -> None:
 
 
 # ---------------------------------------------------------------------- training under a budget
-def _step_seconds(recipe: dict, steps: int, out: Path) -> float:
-    """Seconds per optimizer step of `recipe`, from `steps` steps (the first, which starts the
-    data workers, excluded)."""
+def _probe_seconds(recipe: dict, steps: int, out: Path) -> list[float]:
+    """Training-loop seconds at each of the first `steps` optimizer steps of `recipe`."""
     from seechat.training.loop import run
 
     probe = copy.deepcopy(recipe)
@@ -105,21 +105,35 @@ def _step_seconds(recipe: dict, steps: int, out: Path) -> float:
     run(probe)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
-    batch = probe["train"]["batch_size"] * probe["train"]["grad_accum"]
-    elapsed = [r["step"] * batch / r["samples_per_s"] for r in records]
-    return (elapsed[-1] - elapsed[0]) / max(len(elapsed) - 1, 1)
+    return [r["seconds"] for r in records if "seconds" in r]
+
+
+def planned_steps(elapsed: Sequence[float], seconds: float) -> int:
+    """Steps that fill `seconds`, from a probe's clock at each step (`elapsed[i]`: after step i+1).
+
+    A run starts slow (data workers, first batches: 1.5 s a step for ten steps, then 0.3 s, on
+    the native path here) and every run repeats that start. So the plan is the probe's own steps,
+    then the rest of the budget at the probe's steady step: the median of its second half."""
+    k = len(elapsed)
+    if k < 2 or seconds <= elapsed[-1]:
+        return max(1, int(seconds * k / max(elapsed[-1], 1e-9)))
+    deltas = sorted(b - a for a, b in zip(elapsed[k // 2 - 1:], elapsed[k // 2:]))
+    steady = max(deltas[len(deltas) // 2], 1e-9)
+    return k + int((seconds - elapsed[-1]) / steady)
 
 
 def train_for(recipe: dict, seconds: float, calibration_steps: int) -> dict[str, Any]:
-    """Run `recipe` for `seconds` of training loop: steps sized from a timed probe, capped by time."""
+    """Run `recipe` for `seconds` of training loop: steps planned from a timed probe (`planned_steps`),
+    capped by time."""
     from seechat.inference.evaluate import evaluate_file
     from seechat.training.loop import run
 
-    step = _step_seconds(recipe, calibration_steps, Path(recipe["output_dir"] + "-calibration"))
+    elapsed = _probe_seconds(recipe, calibration_steps, Path(recipe["output_dir"] + "-calibration"))
+    steps = planned_steps(elapsed, seconds)
     recipe = copy.deepcopy(recipe)
-    recipe["train"].update(max_steps=max(1, int(seconds / step)), max_seconds=seconds, trackers=[], save_every=None)
+    recipe["train"].update(max_steps=steps, max_seconds=seconds, trackers=[], save_every=None)
     summary = run(recipe, evaluate=evaluate_file)
-    return {**summary, "calibrated_step_seconds": step, "planned_steps": recipe["train"]["max_steps"]}
+    return {**summary, "calibrated_step_seconds": seconds / steps, "planned_steps": steps}
 
 
 def _common_overrides(cfg: dict, data: Path, name: str, stage: str, seed: int) -> list[str]:

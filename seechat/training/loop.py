@@ -176,7 +176,7 @@ class _Loop:
         self.last_loss = (summed[0] / summed[1].clamp(min=1)).item()
         self.window, self.window_tokens = [], []
         record = {"step": step, "loss": self.last_loss, "lr": self.s.scheduler.get_last_lr()[0],
-                  "samples_per_s": self.seen / max(self.seconds(), 1e-9),
+                  "samples_per_s": self.seen / max(self.seconds(), 1e-9), "seconds": self.seconds(),
                   **({"nonfinite_steps": self.guard.total} if self.guard.total else {})}
         self.log.step(record)
         if not stop_message and step < self.s.total and self.validation.due(step):
