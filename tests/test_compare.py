@@ -31,6 +31,8 @@ def test_compare_config_defaults_and_errors():
         load_compare_config(None, ["generation.judge=clip"])
     with pytest.raises(RecipeError, match=r"seeds=3: give a non-empty list of integers"):
         load_compare_config(None, ["seeds=3"])
+    with pytest.raises(RecipeError, match=r"native.questions_per_sample=0; give an integer >= 1"):
+        load_compare_config(None, ["native.questions_per_sample=0"])
 
 
 def test_max_seconds_stops_the_loop_and_saves_final(experts, tiny_vqa, tmp_path):

@@ -79,6 +79,9 @@ def load_compare_config(path: str | Path | None = None, overrides: Sequence[str]
         raise RecipeError(f"seeds={cfg['seeds']!r}: give a non-empty list of integers, e.g. seeds=[0,1,2]")
     if cfg["calibration_steps"] < 2:  # the step time is measured between logged steps
         raise RecipeError(f"calibration_steps={cfg['calibration_steps']}; it must be at least 2")
+    grouped = (cfg.get("native") or {}).get("questions_per_sample", 1)
+    if not isinstance(grouped, int) or isinstance(grouped, bool) or grouped < 1:
+        raise RecipeError(f"native.questions_per_sample={grouped!r}; give an integer >= 1 (1: one question per sample)")
     if cfg["generation"]["judge"] not in cfg["paths"]:
         raise RecipeError(f"generation.judge={cfg['generation']['judge']!r} is not one of the paths {list(cfg['paths'])}")
     return cfg
