@@ -85,6 +85,8 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
                    image_only: bool = False, questions_per_sample: int = 1) -> dict[str, Any]:
     """Train the VQ tokenizer and write the native training file; returns paths and metrics.
     Reuses `<out>/vq` when its metrics file says it was made with the same settings."""
+    if questions_per_sample < 1:
+        raise ValueError(f"questions_per_sample={questions_per_sample} must be >= 1")
     data, out = Path(data_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"vq_epochs": vq_epochs, "vq_config": vq_config or {}, "seed": seed,
@@ -108,8 +110,6 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
                    "settings": settings}
         vq.save_pretrained(out / "vq")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")  # written last: marks the VQ complete
-    if questions_per_sample < 1:
-        raise ValueError(f"questions_per_sample={questions_per_sample} must be >= 1")
     vqa = (json.loads((data / "train_balanced.json").read_text()) if questions_per_sample == 1 else
            grouped_questions(json.loads((data / "train.json").read_text()), questions_per_sample, seed))
     samples, mix = training_mix(vqa, json.loads((data / "train_multiturn.json").read_text()), draw_repeats, image_only)

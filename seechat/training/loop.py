@@ -175,8 +175,9 @@ class _Loop:
                                     reduction="sum")
         self.last_loss = (summed[0] / summed[1].clamp(min=1)).item()
         self.window, self.window_tokens = [], []
+        seconds = self.seconds()
         record = {"step": step, "loss": self.last_loss, "lr": self.s.scheduler.get_last_lr()[0],
-                  "samples_per_s": self.seen / max(self.seconds(), 1e-9), "seconds": self.seconds(),
+                  "samples_per_s": self.seen / max(seconds, 1e-9), "seconds": seconds,
                   **({"nonfinite_steps": self.guard.total} if self.guard.total else {})}
         self.log.step(record)
         if not stop_message and step < self.s.total and self.validation.due(step):
