@@ -65,20 +65,21 @@ def test_compare_quick_runs_every_path_and_writes_the_table(experts, tmp_path, c
                  "native.vq_config.image_size=16", "generation.reconstructions=4"]) == 0
     results = json.loads((out / "compare.json").read_text())
     rows = results["rows"]
-    assert list(rows) == ["mlp", "qformer", "resampler", "native", "native_scratch"]
+    assert list(rows) == ["mlp", "qformer", "resampler", "native", "native_codebook", "native_scratch"]
     assert [(r["path"], r["seed"]) for r in results["runs"]] == [(p, 0) for p in rows]
     assert all(r["n"] == 16 and r["accuracy"]["values"] == [r["accuracy"]["mean"]] for r in rows.values())
     assert rows["native"]["starts_from"] == "the text LM, vocabulary grown by the VQ codes"
+    assert rows["native_codebook"]["starts_from"] == rows["native"]["starts_from"] + ", code rows along the codebook"
     assert rows["native_scratch"]["starts_from"].startswith("nothing: LM from scratch")
     assert rows["native"]["image_tokens"] == rows["native_scratch"]["image_tokens"] == 4 * 4 + 2
     # mlp inherits the default's one token per patch (no pixel shuffle, the CLS dropped): 4x4
     assert rows["mlp"]["image_tokens"] == 4 * 4 and rows["qformer"]["image_tokens"] == 16
     # the grown native LM has the text LM's width; the one from scratch the recipe's llm.config
     grown, scratch = (json.loads((Path(results["runs"][i]["final"]) / "llm" / "config.json").read_text())
-                      for i in (3, 4))
+                      for i in (3, 5))
     assert grown["hidden_size"] == 64 and grown["model_type"] == "qwen2"
     assert scratch["hidden_size"] == 192 and scratch["model_type"] == "qwen3"
-    for name in ("native", "native_scratch"):
+    for name in ("native", "native_codebook", "native_scratch"):
         drawn = rows[name]["drawn"]
         assert set(drawn) == {"color", "shape", "both"} and 0 <= drawn["both"]["mean"] <= 1
         assert len(list((out / "seed0" / name / "drawn").glob("*.png"))) == 24

@@ -11,6 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seechat.config import load_recipe
+from seechat.errors import RecipeError
 from seechat.experiments.tiny import tiny_llm_config
 from seechat.models.native.extend import statistical_rows
 from seechat.models.native.model import assemble_native
@@ -74,6 +75,36 @@ def test_statistical_rows_follow_the_covariance():
     assert torch.allclose(torch.cov(drawn.T), torch.cov(rows.T), atol=0.1)  # correlations kept, not just std
     few = statistical_rows(rows[:2], 5, torch.Generator().manual_seed(0))  # singular covariance: diagonal
     assert few.shape == (5, 3) and torch.isfinite(few).all()
+
+
+def test_code_rows_can_share_the_codebook_geometry(experts, untrained_vq, tmp_path):
+    """`model.native.code_init_share`: that share of each code row's variance lies along a linear
+    map of the code's quantised vector; at 1 the code rows span exactly the codebook's dimensions."""
+    lm_dir = text_lm(experts, tmp_path / "lm", tied=False)
+    n_text = len(AutoTokenizer.from_pretrained(lm_dir))
+    vq = VQTokenizer.from_pretrained(untrained_vq)
+
+    def grown(share: float):
+        return assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "init_from": str(lm_dir),
+                                                             "qk_norm": False, "code_init_share": share},
+                                "llm": {}}, vq)
+
+    plain, shared = grown(0.0), grown(1.0)
+    codes = shared.code_ids.nonzero().flatten()
+    for a, b in ((plain.llm.get_input_embeddings(), shared.llm.get_input_embeddings()),
+                 (plain.llm.get_output_embeddings(), shared.llm.get_output_embeddings())):
+        assert torch.equal(a.weight[:n_text], b.weight[:n_text])
+        rows = b.weight[codes].detach().double()
+        assert torch.linalg.matrix_rank(rows - rows.mean(0), rtol=1e-6) == 3  # levels (5, 5, 5): 3 dimensions
+        assert torch.linalg.matrix_rank(a.weight[codes].detach().double(), rtol=1e-6) == 32  # hidden size
+    # Neighbouring codes (one level apart) start closer than codes far apart in the codebook.
+    vectors = vq.quantizer.indices_to_codes(torch.arange(vq.codebook_size)).double()
+    rows = shared.llm.get_input_embeddings().weight[codes].detach().double()
+    near, far = torch.cdist(vectors, vectors) < 0.6, torch.cdist(vectors, vectors) > 1.5
+    dist = torch.cdist(rows, rows)
+    assert dist[near & (dist > 0)].mean() < dist[far].mean() / 2
+    with pytest.raises(RecipeError, match=r"model\.native\.code_init_share=1\.5 must lie in \[0, 1\]"):
+        grown(1.5)
 
 
 def test_init_from_resolves_against_the_recipe_file(experts, untrained_vq, tmp_path, monkeypatch):

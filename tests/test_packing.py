@@ -68,6 +68,7 @@ def test_packed_loss_equals_padded_loss_and_grads(experts, tiny_vqa):
     model, items = _items(experts, tiny_vqa, "qwen2")
     padded = VLMCollator(model.tokenizer.pad_token_id)(items)
     packed = PackingCollator(model.tokenizer.pad_token_id)(items)
+    assert len(packed["rows"]) < len(items)  # tiny_vqa's samples do share rows
     keys = ("input_ids", "attention_mask", "pixel_values", "num_images", "labels")
     loss_a = model(**{k: padded[k] for k in keys}).loss
     loss_b = model(**{k: packed[k] for k in keys}, position_ids=packed["position_ids"]).loss
@@ -101,6 +102,9 @@ def test_training_with_packing_runs_and_learns(experts, tiny_vqa, tmp_path):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert summary["steps"] == 8
     assert losses[-1] < losses[0]
+    # Throughput counts samples, not packed rows: the same 8 steps unpacked read as many.
+    unpacked = run(tiny_recipe(experts, tiny_vqa, str(tmp_path / "unpacked"), "train.max_steps=8"))
+    assert summary["samples"] == unpacked["samples"] > 8  # rows hold several (see above)
 
 
 def test_a_model_that_attends_across_packed_samples_is_refused(experts, tiny_vqa, monkeypatch):

@@ -188,7 +188,8 @@ def starts_from(spec: dict, model_cfg: dict) -> str:
     """What a path's training starts from, for the table."""
     if spec["kind"] == "native":
         if model_cfg["native"].get("init_from"):
-            return "the text LM, vocabulary grown by the VQ codes"
+            grown = "the text LM, vocabulary grown by the VQ codes"
+            return grown + (", code rows along the codebook" if model_cfg["native"].get("code_init_share") else "")
         return "nothing: LM from scratch (VQ codes + text)"
     return "vision tower + text LM; adapter from scratch"
 

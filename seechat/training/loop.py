@@ -147,7 +147,9 @@ class _Loop:
                 accelerator.backward(loss * (counts[i] / total_tokens.clamp(min=1) * undo))
             self.window.append(loss.detach().float() * counts[i])
             self.window_tokens.append(counts[i])
-            self.seen += b["input_ids"].shape[0] * accelerator.num_processes
+            # Samples, not rows: a packed row holds several (data/packing.py names them in "rows").
+            rows = b["rows"] if "rows" in b else range(b["input_ids"].shape[0])
+            self.seen += sum(len(r) if isinstance(r, list) else 1 for r in rows) * accelerator.num_processes
 
     def apply(self) -> None:
         """Clip, check and apply the accumulated gradients; one optimizer step."""
@@ -229,6 +231,7 @@ def _finish(session: Session, loop: _Loop, log: RunLog, validation: Validation) 
         "final": str(final),
         "steps": state.step,
         "loss": loop.last_loss,
+        "samples": loop.seen,  # training samples read, over all processes
         "samples_per_s": loop.seen / max(elapsed - validation.seconds, 1e-9),
         "seconds": elapsed,
         "loop_seconds": loop_seconds,  # training steps only (elapsed also counts saving final/)

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from seechat.data import VLMCollator, encode_prompt
 from seechat.data.tokenization import IGNORE_INDEX, boundary_ids
+from seechat.errors import RecipeError
 from seechat.models.llm import load_llm, load_tokenizer
 from seechat.models.base import SeeChatVLM
 from seechat.models.modes import apply_modes
@@ -245,7 +246,11 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
         # Codes follow the tokenizer's last id; the text rows stay as trained (extend.py).
         keep = trained_rows(llm_cfg["name_or_path"], llm_cfg["tokenizer"] or llm_cfg["name_or_path"],
                             llm_cfg.get("trust_remote_code", False))
-        extend_vocabulary(llm, keep, vocab.vocab_size)
+        share = float(native.get("code_init_share") or 0.0)
+        if not 0 <= share <= 1:
+            raise RecipeError(f"model.native.code_init_share={share} must lie in [0, 1] (0: plain statistical rows)")
+        features = vq.code_vectors() if share else None
+        extend_vocabulary(llm, keep, vocab.vocab_size, code_features=features, share=share)
     configure_llm(llm, native)
     return NativeVLM(cfg, vq, llm, tokenizer)
 

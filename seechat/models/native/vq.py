@@ -131,6 +131,10 @@ class VQTokenizer(nn.Module):
             latent = self.quantizer.indices_to_codes(codes.reshape(-1, h, w).int())
             return self.dec(latent).clamp(-1, 1)
 
+    def code_vectors(self) -> torch.Tensor:
+        """[codebook_size, len(levels)]: each code's quantised latent (what the decoder reads)."""
+        return self.quantizer.indices_to_codes(torch.arange(self.codebook_size)).float()
+
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:
         out = Path(directory)
