@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 from pathlib import Path
-
-import torch
 
 
 def commit() -> str:
@@ -27,16 +24,9 @@ def commit() -> str:
 
 
 def machine() -> dict:
-    from seechat.precision import cpu_has_fast_bf16
+    from seechat.precision import host
 
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": model,
-            "bf16_matrix_units": cpu_has_fast_bf16(), "torch": torch.__version__}
+    return host()
 
 
 def provenance() -> dict:

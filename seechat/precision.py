@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -30,6 +31,21 @@ def cpu_has_fast_bf16() -> bool:
         words = set(cpuinfo.read_text(errors="replace").split())
         return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
     return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def host() -> dict:
+    """What a measured figure belongs to: the CPU (bf16 kernels differ between AVX512-BF16, AMX
+    and emulation), its cores, torch's threads and version, and what `auto` precision picks here."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    words = set(cpuinfo.read_text(errors="replace").split()) if cpuinfo.is_file() else set()
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
+            "bf16_matrix_units": cpu_has_fast_bf16(), "amx": "amx_bf16" in words, "torch": torch.__version__,
+            "mixed_precision_auto": "bf16" if cpu_has_fast_bf16() else "no"}
 
 
 def resolve_mixed_precision(value: str | None, device: str | None = None) -> str:

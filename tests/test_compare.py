@@ -96,3 +96,6 @@ def test_result_files(tmp_path):
     with Image.open(tmp_path / "compare.png") as image:
         assert image.size[0] > 300
     assert markdown(results) == table
+    assert "whole run 60 s on 2 CPUs." in table  # an older result: the CPU count only
+    results["machine"] = {"cpus": 2, "cpu": "AMD EPYC", "mixed_precision_auto": "bf16"}
+    assert "whole run 60 s on 2 CPUs (AMD EPYC, bf16 autocast)." in markdown(results)

@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ import yaml
 
 from seechat import resources
 from seechat.config import RecipeError, apply_override
+from seechat.precision import host
 from seechat.recipe_paths import local_path
 
 logger = logging.getLogger(__name__)
@@ -300,6 +299,6 @@ def main_run(cfg: dict) -> dict[str, Any]:
     results = {"config": cfg, "rows": rows, "runs": runs, **extra,
                "generation": {"prompt": DRAW_PROMPT, **cfg["generation"]},
                "total_seconds": time.time() - start,
-               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}}
+               "machine": host()}
     write_results(results, Path(cfg["results_dir"]))
     return results

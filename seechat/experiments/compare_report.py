@@ -101,6 +101,14 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _host(machine: dict) -> str:
+    """"2 CPUs (AMD EPYC, bf16 autocast)"; older results name the CPU count only."""
+    if "cpu" not in machine:
+        return f"{machine['cpus']} CPUs"
+    precision = "bf16 autocast" if machine.get("mixed_precision_auto") == "bf16" else "fp32"
+    return f"{machine['cpus']} CPUs ({machine['cpu']}, {precision})"
+
+
 def markdown(results: dict) -> str:
     cfg = results["config"]
     first = next(iter(results["rows"].values()))
@@ -108,7 +116,7 @@ def markdown(results: dict) -> str:
              _table(results), "",
              f"Budget {cfg['budget_seconds']} s of training loop per path and seed (stitched: {cfg['align_fraction']:.0%} "
              f"align, rest finetune); test questions: {first['n']}; whole run {results['total_seconds']:.0f} s on "
-             f"{results['machine']['cpus']} CPUs. Accuracy and times: mean over seeds (min-max)."]
+             f"{_host(results['machine'])}. Accuracy and times: mean over seeds (min-max)."]
     if "vq" in results:
         vq = results["vq"]
         parts.append(f"Native VQ tokenizer ({vq['codes_per_image']} codes of {vq['codebook_size']}, trained "

@@ -10,6 +10,10 @@ pretrained text LM like this). transformers' `mean_resizing` draws from the same
 covariance scaled by 1e-9, which makes a thousand code rows nearly one vector: the LM could not
 tell the codes apart on its first steps. The head is treated the same way (tied: it is the
 embedding). The draw is seeded, so a recipe builds the same model every time.
+
+`model.native.code_init_share` (0 by default) gives the code rows the codebook's geometry: that
+share of each row's variance lies along a random linear map of the code's standardised quantised
+vector (`VQTokenizer.code_vectors`), so neighbouring codes start as neighbours.
 """
 from __future__ import annotations
 
