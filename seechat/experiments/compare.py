@@ -1,8 +1,8 @@
 """`seechat compare`: every path - MLP projector, Q-Former, resampler, native early fusion grown
-from the text LM, native from scratch - trained on the same easy-VQA data under the same
+from the text LM (plain or with codebook-shaped code rows), native from scratch - trained on the same easy-VQA data under the same
 training-time budget, over several seeds, scored on the same test split.
 
-    seechat compare                                   # recipes/compare.yaml: 5 paths x 3 seeds
+    seechat compare                                   # recipes/compare.yaml: 6 paths x 3 seeds
     seechat compare --quick                           # smoke run: tiny budget, one seed, few questions
     seechat compare budget_seconds=20 eval_samples=300 seeds=[0] output_dir=runs/compare_smoke results_dir=runs/compare_smoke
 
