@@ -1,6 +1,7 @@
 """`seechat compare`: every path - MLP projector, Q-Former, resampler, native early fusion grown
-from the text LM (plain or with codebook-shaped code rows), native from scratch - trained on the same easy-VQA data under the same
-training-time budget, over several seeds, scored on the same test split.
+from the text LM (plain, or with code rows shaped by the codebook), native from scratch - trained
+on the same easy-VQA data under the same training-time budget, over several seeds, scored on the
+same test split.
 
     seechat compare                                   # recipes/compare.yaml: 6 paths x 3 seeds
     seechat compare --quick                           # smoke run: tiny budget, one seed, few questions
