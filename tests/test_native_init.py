@@ -105,6 +105,11 @@ def test_code_rows_can_share_the_codebook_geometry(experts, untrained_vq, tmp_pa
     assert dist[near & (dist > 0)].mean() < dist[far].mean() / 2
     with pytest.raises(RecipeError, match=r"model\.native\.code_init_share=1\.5 must lie in \[0, 1\]"):
         grown(1.5)
+    with pytest.raises(RecipeError, match=r"code_init_share=0\.5 shapes the code rows of a grown text LM"):
+        assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "qk_norm": True, "code_init_share": 0.5},
+                         "llm": {"tokenizer": experts["tokenizer"], "config": {
+                             "model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}}}, vq)
 
 
 def test_init_from_resolves_against_the_recipe_file(experts, untrained_vq, tmp_path, monkeypatch):

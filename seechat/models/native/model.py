@@ -229,6 +229,9 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
     it the LM is `llm.name_or_path`, or random-init from `llm.config` (from scratch)."""
     cfg = copy.deepcopy(model_cfg)
     native = cfg["native"]
+    share = float(native.get("code_init_share") or 0.0)
+    if not 0 <= share <= 1:
+        raise RecipeError(f"model.native.code_init_share={share} must lie in [0, 1] (0: plain statistical rows)")
     llm_cfg = {**cfg["llm"], "image_boundary_tokens": True}
     cfg["llm"]["image_boundary_tokens"] = True
     if native.get("init_from"):
@@ -242,13 +245,14 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
                              "(from scratch, e.g. {model_type: qwen3, hidden_size: 192, ...}) or llm.name_or_path")
         llm_cfg["config"] = {**llm_cfg["config"], "vocab_size": vocab.vocab_size}
     llm = load_llm(llm_cfg, tokenizer)
-    if llm.get_input_embeddings().weight.shape[0] != vocab.vocab_size:  # a text LM: add code rows
+    grows = llm.get_input_embeddings().weight.shape[0] != vocab.vocab_size  # a text LM: add code rows
+    if share and not grows:
+        raise RecipeError(f"model.native.code_init_share={share} shapes the code rows of a grown text LM; "
+                          "set model.native.init_from to one, or code_init_share: 0 for an LM from scratch")
+    if grows:
         # Codes follow the tokenizer's last id; the text rows stay as trained (extend.py).
         keep = trained_rows(llm_cfg["name_or_path"], llm_cfg["tokenizer"] or llm_cfg["name_or_path"],
                             llm_cfg.get("trust_remote_code", False))
-        share = float(native.get("code_init_share") or 0.0)
-        if not 0 <= share <= 1:
-            raise RecipeError(f"model.native.code_init_share={share} must lie in [0, 1] (0: plain statistical rows)")
         features = vq.code_vectors() if share else None
         extend_vocabulary(llm, keep, vocab.vocab_size, code_features=features, share=share)
     configure_llm(llm, native)
