@@ -125,3 +125,12 @@ def test_init_from_resolves_against_the_recipe_file(experts, untrained_vq, tmp_p
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"model\.native\.init_from='\./nowhere'.*no such file"):
         load_recipe(recipe, ["model.native.init_from=./nowhere"])
+
+
+@pytest.mark.parametrize("key, value", [("user_image_weight", -1.0), ("cfg_dropout", 1.5)])
+def test_bad_native_weights_are_recipe_errors(experts, untrained_vq, tmp_path, key, value):
+    lm_dir = text_lm(experts, tmp_path / "lm", tied=True)
+    with pytest.raises(RecipeError, match=rf"model\.native\.user_image_weight=.* must be >= 0 and model\.native\.cfg_dropout"):
+        assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "init_from": str(lm_dir),
+                                                      "qk_norm": False, key: value}, "llm": {}},
+                        VQTokenizer.from_pretrained(untrained_vq))

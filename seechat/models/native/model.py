@@ -62,7 +62,7 @@ class NativeVLM(SeeChatVLM):
         self.user_image_weight = float(config["native"].get("user_image_weight") or 0.0)
         self.cfg_dropout = float(config["native"].get("cfg_dropout") or 0.0)
         if self.user_image_weight < 0 or not 0 <= self.cfg_dropout <= 1:
-            raise ValueError(f"model.native.user_image_weight={self.user_image_weight} must be >= 0 and "
+            raise RecipeError(f"model.native.user_image_weight={self.user_image_weight} must be >= 0 and "
                              f"model.native.cfg_dropout={self.cfg_dropout} in [0, 1]")
         # The dropped condition: every prompt position of a drawing becomes this id (targets.py).
         self.null_id = tokenizer.pad_token_id
