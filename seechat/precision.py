@@ -45,7 +45,7 @@ def host() -> dict:
     words = set(cpuinfo.read_text(errors="replace").split()) if cpuinfo.is_file() else set()
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
             "bf16_matrix_units": cpu_has_fast_bf16(), "amx": "amx_bf16" in words, "torch": torch.__version__,
-            "mixed_precision_auto": "bf16" if cpu_has_fast_bf16() else "no"}
+            "mixed_precision_auto": resolve_mixed_precision("auto")}
 
 
 def resolve_mixed_precision(value: str | None, device: str | None = None) -> str:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from seechat.config import load_recipe
 from seechat.errors import RecipeError
 from seechat.experiments.tiny import tiny_llm_config
+from seechat.models.kinds import load
 from seechat.models.native.extend import statistical_rows
 from seechat.models.native.model import assemble_native
 from seechat.models.native.vq import VQTokenizer
@@ -103,6 +104,11 @@ def test_code_rows_can_share_the_codebook_geometry(experts, untrained_vq, tmp_pa
     near, far = torch.cdist(vectors, vectors) < 0.6, torch.cdist(vectors, vectors) > 1.5
     dist = torch.cdist(rows, rows)
     assert dist[near & (dist > 0)].mean() < dist[far].mean() / 2
+    # Saved and loaded again, it is the same model (the saved LM holds the shaped rows).
+    shared.save_pretrained(str(tmp_path / "saved"))
+    again = load(str(tmp_path / "saved"))
+    assert torch.equal(again.llm.get_input_embeddings().weight, shared.llm.get_input_embeddings().weight)
+    assert torch.equal(again.llm.get_output_embeddings().weight, shared.llm.get_output_embeddings().weight)
     with pytest.raises(RecipeError, match=r"model\.native\.code_init_share=1\.5 must lie in \[0, 1\]"):
         grown(1.5)
     with pytest.raises(RecipeError, match=r"code_init_share=0\.5 shapes the code rows of a grown text LM"):

@@ -149,7 +149,7 @@ class _Loop:
             self.window_tokens.append(counts[i])
             # Samples, not rows: a packed row holds several (data/packing.py names them in "rows").
             rows = b["rows"] if "rows" in b else range(b["input_ids"].shape[0])
-            self.seen += sum(len(r) if isinstance(r, list) else 1 for r in rows) * accelerator.num_processes
+            self.seen += sum(len(r) if isinstance(r, (list, tuple)) else 1 for r in rows) * accelerator.num_processes
 
     def apply(self) -> None:
         """Clip, check and apply the accumulated gradients; one optimizer step."""

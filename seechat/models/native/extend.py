@@ -71,7 +71,7 @@ def extend_vocabulary(llm: PreTrainedModel, keep: int, vocab_size: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     embedding, head = llm.get_input_embeddings().weight, llm.get_output_embeddings()
     tied = head is None or head.weight is embedding
-    codes = 0 if code_features is None else code_features.shape[0]
+    codes = 0 if code_features is None or not share else code_features.shape[0]
     for weight in (embedding,) if tied else (embedding, head.weight):
         if codes:  # the last rows are the codes (vocab.CodeVocab)
             weight[vocab_size - codes:] = statistical_rows(weight[:keep], codes, generator, code_features, share)
