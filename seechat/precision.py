@@ -36,13 +36,11 @@ def cpu_has_fast_bf16() -> bool:
 def host() -> dict:
     """What a measured figure belongs to: the CPU (bf16 kernels differ between AVX512-BF16, AMX
     and emulation), its cores, torch's threads and version, and what `auto` precision picks here."""
-    cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    words = set(cpuinfo.read_text(errors="replace").split()) if cpuinfo.is_file() else set()
+    text = cpuinfo.read_text(errors="replace") if cpuinfo.is_file() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    words = set(text.split())
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
             "bf16_matrix_units": cpu_has_fast_bf16(), "amx": "amx_bf16" in words, "torch": torch.__version__,
             "mixed_precision_auto": resolve_mixed_precision("auto")}

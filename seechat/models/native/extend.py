@@ -37,20 +37,26 @@ def trained_rows(name_or_path: str, tokenizer_source: str, trust_remote_code: bo
 def statistical_rows(weight: torch.Tensor, n: int, generator: torch.Generator,
                      features: torch.Tensor | None = None, share: float = 0.0) -> torch.Tensor:
     """`n` rows drawn from N(mean, cov) of `weight`'s rows ([V, D]); diagonal if cov is singular.
-    With `features` ([n, k], e.g. each code's quantised vector), a `share` of every row's variance
-    lies along a random linear map of the standardised features: rows of similar codes start
-    similar, with the same marginal statistics."""
+    With `features` ([m, k], m <= n, e.g. each code's quantised vector), a `share` of the variance
+    of each of the last m rows lies along a random linear map of the standardised features: rows
+    of similar codes start similar, with the same marginal statistics."""
     x = weight.detach().double()
     mean = x.mean(0)
     centered = x - mean
     cov = centered.T @ centered / max(x.shape[0] - 1, 1)
     chol, info = torch.linalg.cholesky_ex(cov)
-    noise = torch.randn(n, x.shape[1], generator=generator, dtype=torch.float64, device="cpu")
-    if features is not None and share > 0:
+
+    def randn(rows: int) -> torch.Tensor:
+        return torch.randn(rows, x.shape[1], generator=generator, dtype=torch.float64, device="cpu")
+
+    if features is not None and share > 0:  # draws: the shaped rows' noise, the map, then the rest
         f = features.detach().double().cpu()
+        own = randn(f.shape[0])
+        proj = randn(f.shape[1]) / f.shape[1] ** 0.5
         z = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
-        proj = torch.randn(f.shape[1], x.shape[1], generator=generator, dtype=torch.float64) / f.shape[1] ** 0.5
-        noise = share ** 0.5 * (z @ proj) + (1 - share) ** 0.5 * noise
+        noise = torch.cat([randn(n - f.shape[0]), share ** 0.5 * (z @ proj) + (1 - share) ** 0.5 * own])
+    else:
+        noise = randn(n)
     noise = noise.to(x.device)
     if int(info) == 0:
         rows = mean + noise @ chol.T
@@ -63,7 +69,8 @@ def statistical_rows(weight: torch.Tensor, n: int, generator: torch.Generator,
 def extend_vocabulary(llm: PreTrainedModel, keep: int, vocab_size: int, seed: int = 0,
                       code_features: torch.Tensor | None = None, share: float = 0.0) -> None:
     """Keep the first `keep` rows of the embedding (and untied head), grow both to `vocab_size`
-    and fill the new rows from the kept rows' statistics (module docstring). In place."""
+    and fill the new rows from the kept rows' statistics (module docstring); the last rows are the
+    codes (vocab.CodeVocab), shaped by `code_features` at `share`. In place."""
     if not 0 < keep <= vocab_size:
         raise ValueError(f"extend_vocabulary: keep={keep} must lie in (0, vocab_size={vocab_size}]")
     llm.resize_token_embeddings(keep, mean_resizing=False)  # drops padding rows and seechat's tokens
@@ -71,10 +78,7 @@ def extend_vocabulary(llm: PreTrainedModel, keep: int, vocab_size: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     embedding, head = llm.get_input_embeddings().weight, llm.get_output_embeddings()
     tied = head is None or head.weight is embedding
-    codes = 0 if code_features is None or not share else code_features.shape[0]
     for weight in (embedding,) if tied else (embedding, head.weight):
-        if codes:  # the last rows are the codes (vocab.CodeVocab)
-            weight[vocab_size - codes:] = statistical_rows(weight[:keep], codes, generator, code_features, share)
-        weight[keep:vocab_size - codes] = statistical_rows(weight[:keep], vocab_size - keep - codes, generator)
+        weight[keep:] = statistical_rows(weight[:keep], vocab_size - keep, generator, code_features, share)
     if not tied and getattr(head, "bias", None) is not None:
         head.bias[keep:] = head.bias[:keep].mean()
