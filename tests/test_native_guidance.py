@@ -1,6 +1,7 @@
 """What the native LM learns from and how it draws: the user-image supervision weight (0 is
-exactly the loss without it), condition dropout, classifier-free guidance (scale 1 is plain
-conditional sampling) and mixed-modal replies that switch modes exactly at the boundary tokens."""
+exactly the loss without it), the weight of the drawings' image tokens, condition dropout,
+classifier-free guidance (scale 1 is plain conditional sampling) and mixed-modal replies that
+switch modes exactly at the boundary tokens."""
 from __future__ import annotations
 
 import contextlib
@@ -86,6 +87,29 @@ def test_user_image_weight_is_honoured(model, batch):
         assert int((counted[:, 1:] != IGNORE_INDEX).sum()) == len(reply) + 16  # the loop weights batches by this count
     finally:
         model.user_image_weight = 0.0
+
+
+@torch.no_grad()
+def test_reply_image_weight_is_honoured(model, batch):
+    reply, _ = reference_losses(model, batch)
+    answer = len(model.tokenizer("red<|im_end|>")["input_ids"])
+    image = torch.zeros(len(reply), dtype=torch.bool)
+    image[answer : answer + 16 + 2] = True  # the drawing's <im_start>, 16 codes, <im_end>; its end-of-turn is text
+    try:
+        for weight in (0.0, 0.1, 3.0):
+            model.reply_image_weight = weight
+            expected = (reply[~image].sum() + weight * reply[image].sum()) / ((~image).sum() + weight * image.sum())
+            assert model(**batch).loss.item() == pytest.approx(expected.item(), rel=1e-5), weight
+        model.reply_image_weight = 1.0
+        assert model(**batch).loss.item() == pytest.approx(reply.mean().item(), rel=1e-5)
+        model.user_image_weight = 0.5  # both weights at once: each set at its own
+        _, user = reference_losses(model, batch)
+        model.reply_image_weight = 0.1
+        expected = ((reply[~image].sum() + 0.1 * reply[image].sum() + 0.5 * user.sum()) /
+                    ((~image).sum() + 0.1 * image.sum() + 0.5 * len(user)))
+        assert model(**batch).loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    finally:
+        model.reply_image_weight, model.user_image_weight = 1.0, 0.0
 
 
 @torch.no_grad()

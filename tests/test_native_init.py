@@ -133,10 +133,15 @@ def test_init_from_resolves_against_the_recipe_file(experts, untrained_vq, tmp_p
         load_recipe(recipe, ["model.native.init_from=./nowhere"])
 
 
-@pytest.mark.parametrize("key, value", [("user_image_weight", -1.0), ("cfg_dropout", 1.5)])
-def test_bad_native_weights_are_recipe_errors(experts, untrained_vq, tmp_path, key, value):
+BOTH = r"model\.native\.user_image_weight=.* must be >= 0 and model\.native\.cfg_dropout"
+
+
+@pytest.mark.parametrize("key, value, match", [("user_image_weight", -1.0, BOTH), ("cfg_dropout", 1.5, BOTH),
+                                               ("reply_image_weight", -0.5, r"model\.native\.reply_image_weight=-0\.5 must be >= 0")],
+                         ids=["user_image_weight", "cfg_dropout", "reply_image_weight"])
+def test_bad_native_weights_are_recipe_errors(experts, untrained_vq, tmp_path, key, value, match):
     lm_dir = text_lm(experts, tmp_path / "lm", tied=True)
-    with pytest.raises(RecipeError, match=rf"model\.native\.user_image_weight=.* must be >= 0 and model\.native\.cfg_dropout"):
+    with pytest.raises(RecipeError, match=match):
         assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "init_from": str(lm_dir),
                                                       "qk_norm": False, key: value}, "llm": {}},
                         VQTokenizer.from_pretrained(untrained_vq))

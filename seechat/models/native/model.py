@@ -64,6 +64,10 @@ class NativeVLM(SeeChatVLM):
         if self.user_image_weight < 0 or not 0 <= self.cfg_dropout <= 1:
             raise RecipeError(f"model.native.user_image_weight={self.user_image_weight} must be >= 0 and "
                              f"model.native.cfg_dropout={self.cfg_dropout} in [0, 1]")
+        self.reply_image_weight = float(config["native"].get("reply_image_weight", 1.0))
+        if self.reply_image_weight < 0:
+            raise RecipeError(f"model.native.reply_image_weight={self.reply_image_weight} must be >= 0 "
+                              "(1: a drawing's codes weigh as much as a text token)")
         # The dropped condition: every prompt position of a drawing becomes this id (targets.py).
         self.null_id = tokenizer.pad_token_id
         text = ~self.vocab.code_mask()
@@ -137,7 +141,8 @@ class NativeVLM(SeeChatVLM):
                 sample_ids=None, image_features=None, position_ids=None) -> CausalLMOutputWithPast:
         """As `SeeChatVLM.forward`; the loss adds `model.native.z_loss` x mean(logsumexp^2).
         Training drops a drawing's prompt at `cfg_dropout`; the codes of images in user turns are
-        targets at weight `user_image_weight` (0: they are not, exactly as before)."""
+        targets at weight `user_image_weight` (0: they are not, exactly as before), those of
+        images in replies (boundaries and codes) at `reply_image_weight` (1: as text tokens)."""
         if image_features is not None:
             raise ValueError("the native model reads pixels (VQ codes), not cached encoder features")
         ids = self.spliced_ids(input_ids, pixel_values, num_images, sample_ids)
@@ -148,11 +153,15 @@ class NativeVLM(SeeChatVLM):
             ids = drop_conditions(ids, labels, targets, self.boi_id, self.null_id, self.cfg_dropout,
                                   attention_mask, position_ids)
         inputs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
-        user = (user_image_labels(ids, targets, self.boi_id, self.positions_per_image)
-                if self.user_image_weight > 0 else None)
-        if user is None or not (user != IGNORE_INDEX).any():
+        sets = [(targets, 1.0)]
+        if self.reply_image_weight != 1.0:  # text targets at 1, the drawings' image tokens apart
+            sets = [(labels, 1.0), (torch.where(labels == IGNORE_INDEX, targets, IGNORE_INDEX), self.reply_image_weight)]
+        if self.user_image_weight > 0:
+            sets.append((user_image_labels(ids, targets, self.boi_id, self.positions_per_image), self.user_image_weight))
+        sets = [(t, w) for t, w in sets if (t != IGNORE_INDEX).any()]
+        if len(sets) <= 1 and all(w == 1.0 for _, w in sets):
             return self._lm_loss(targets, self.z_loss, **inputs)
-        return weighted_lm_loss(self.base_llm, [(targets, 1.0), (user, self.user_image_weight)], self.z_loss, **inputs)
+        return weighted_lm_loss(self.base_llm, sets, self.z_loss, **inputs)
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args: Any, allowed_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What the native LM learns from: which image tokens are targets, and condition dropout.
 
-* Images in assistant turns (drawings) are targets: their `<im_start>`, codes and `<im_end>`.
+* Images in assistant turns (drawings) are targets: their `<im_start>`, codes and `<im_end>`,
+  at `model.native.reply_image_weight` (1: as text tokens).
 * Images in user turns (the questions' images) are not, unless `model.native.user_image_weight`
   > 0: then their codes are targets too, at that weight (Chameleon trains on every token). The
   loss is the weighted mean over all targets: sum(w_i * ce_i) / sum(w_i), reply tokens at 1.
