@@ -64,7 +64,8 @@ class NativeVLM(SeeChatVLM):
         if self.user_image_weight < 0 or not 0 <= self.cfg_dropout <= 1:
             raise RecipeError(f"model.native.user_image_weight={self.user_image_weight} must be >= 0 and "
                              f"model.native.cfg_dropout={self.cfg_dropout} in [0, 1]")
-        self.reply_image_weight = float(config["native"].get("reply_image_weight", 1.0))
+        reply = config["native"].get("reply_image_weight")
+        self.reply_image_weight = 1.0 if reply is None else float(reply)
         if self.reply_image_weight < 0:
             raise RecipeError(f"model.native.reply_image_weight={self.reply_image_weight} must be >= 0 "
                               "(1: a drawing's codes weigh as much as a text token)")
