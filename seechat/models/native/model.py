@@ -159,9 +159,10 @@ class NativeVLM(SeeChatVLM):
             sets = [(labels, 1.0), (torch.where(labels == IGNORE_INDEX, targets, IGNORE_INDEX), self.reply_image_weight)]
         if self.user_image_weight > 0:
             sets.append((user_image_labels(ids, targets, self.boi_id, self.positions_per_image), self.user_image_weight))
-        sets = [(t, w) for t, w in sets if (t != IGNORE_INDEX).any()]
-        if len(sets) <= 1 and all(w == 1.0 for _, w in sets):
-            return self._lm_loss(targets, self.z_loss, **inputs)
+        if len(sets) > 1:  # a set without targets leaves the weighted mean as the others make it
+            sets = [(t, w) for t, w in sets if (t != IGNORE_INDEX).any()]
+        if len(sets) <= 1 and all(w == 1.0 for _, w in sets):  # one plain set: the fused loss of those labels
+            return self._lm_loss(sets[0][0] if sets else targets, self.z_loss, **inputs)
         return weighted_lm_loss(self.base_llm, sets, self.z_loss, **inputs)
 
     # ------------------------------------------------------------------ generation
