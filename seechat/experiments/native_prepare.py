@@ -1,7 +1,9 @@
 """What the native path needs before its recipe runs, from easy-VQA's training split only:
 
 1. a VQ image tokenizer trained on the training images (`<out>/vq`), with its reconstruction
-   error and codebook usage on held-out test images (`<out>/vq/metrics.json`);
+   error and codebook usage on held-out test images (`<out>/vq/metrics.json`); with
+   `semantic_weight` in `vq_config`, its codes also learn the targets the stitched vision tower
+   is pretrained on (the corpus' describing answers: color and shape), see `train_vq`;
 2. the training conversations plus text -> image samples (`<out>/train_native.json`): for each
    training image whose color and shape the training answers determine (seechat.experiments.easyvqa.experts),
    "draw a <color> <shape>" answered by the image itself, so the model learns to draw
@@ -27,9 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from seechat.experiments.easyvqa.experts import qa_pairs, image_attributes
 from seechat.precision import autocast_dtype
 from seechat.models.native.vq import load_pixels, train_vq, vq_metrics
+from seechat.tools.experts.corpus import build_corpus
 
 DRAW_PROMPT = "draw a {color} {shape}"
 
@@ -100,6 +105,8 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
         images = sorted({s["image"] for s in samples})
         size = (vq_config or {}).get("image_size", 64)
         config = {k: v for k, v in (vq_config or {}).items() if k != "image_size"}
+        if config.get("semantic_weight"):  # the vision tower's own targets: the corpus' describing answers
+            config["labels"] = [(len(c), torch.tensor(t)) for c, t in build_corpus(samples).targets(images)]
         start = time.time()
         vq = train_vq(load_pixels([data / p for p in images], size), epochs=vq_epochs, seed=seed,
                       dtype=autocast_dtype(mixed_precision), max_seconds=vq_max_seconds, **config)

@@ -53,27 +53,53 @@ def _widths(channels: int, downsample: int) -> list[int]:
     return [channels] + [channels * 2] * (downsample - 1)
 
 
+class _GridContext(nn.Module):
+    """Pre-norm self-attention blocks over the code grid (learned positions): every code sees the
+    whole image, so it can carry what only the whole image shows (a shape), not just its patch."""
+
+    def __init__(self, width: int, cells: int, layers: int, heads: int = 4):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, cells, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.blocks(x.flatten(2).transpose(1, 2) + self.pos)
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
 class VQTokenizer(nn.Module):
     """Conv encoder -> FSQ -> conv decoder. `downsample` stride-2 stages: an `image_size`
     image becomes a (image_size / 2**downsample)^2 grid of codes. No convolution runs at full
     resolution with more than 3 channels (the first conv strides, the last one upsamples to
-    RGB directly): those layers would cost most of the compute for no gain on flat shapes."""
+    RGB directly): those layers would cost most of the compute for no gain on flat shapes.
+    `context_layers` > 0 adds that many self-attention blocks over the grid before the quantiser
+    and after the decoder's first conv (a semantic tokenizer needs them: see `train_vq`)."""
 
     def __init__(self, image_size: int = 64, channels: int = 32, downsample: int = 3,
-                 levels: Sequence[int] = (8, 5, 5, 5)):
+                 levels: Sequence[int] = (8, 5, 5, 5), context_layers: int = 0):
         super().__init__()
         if downsample < 1 or image_size % 2**downsample:
             raise ValueError(f"image_size={image_size} must be divisible by 2**downsample (downsample={downsample} >= 1)")
+        if context_layers < 0:
+            raise ValueError(f"context_layers={context_layers} must be >= 0")
         self.config = {"image_size": image_size, "channels": channels, "downsample": downsample,
                        "levels": list(levels)}
+        if context_layers:  # absent from older configs: they load as before
+            self.config["context_layers"] = context_layers
         widths = _widths(channels, downsample)
+        cells = (image_size // 2**downsample) ** 2
+        context = [_GridContext(widths[-1], cells, context_layers)] if context_layers else []
         enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
         for i in range(1, downsample):
             enc += [nn.SiLU(), nn.Conv2d(widths[i - 1], widths[i], 4, stride=2, padding=1)]
-        enc += [_ResBlock(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], len(levels), 1)]
+        enc += [_ResBlock(widths[-1]), *context, nn.SiLU(), nn.Conv2d(widths[-1], len(levels), 1)]
         self.enc = nn.Sequential(*enc)
         self.quantizer = FSQ(levels=list(levels))
-        dec: list[nn.Module] = [nn.Conv2d(len(levels), widths[-1], 3, padding=1), _ResBlock(widths[-1])]
+        context = [_GridContext(widths[-1], cells, context_layers)] if context_layers else []
+        dec: list[nn.Module] = [nn.Conv2d(len(levels), widths[-1], 3, padding=1), *context, _ResBlock(widths[-1])]
         for i in reversed(range(1, downsample)):
             dec += [nn.SiLU(), nn.ConvTranspose2d(widths[i], widths[i - 1], 4, stride=2, padding=1)]
         dec += [nn.SiLU(), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
@@ -164,13 +190,46 @@ def load_pixels(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
 
 
+class _SemanticHead(nn.Module):
+    """Training only: from each code's quantised vector, the image's class under every head."""
+
+    def __init__(self, dim: int, classes: Sequence[int], hidden: int = 64):
+        super().__init__()
+        self.classes = list(classes)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, sum(self.classes)))
+
+    def loss(self, latent: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean over heads of the cross-entropy of every grid position against its image's label
+        (-100: unknown, ignored). latent [B, L, h, w]; labels per head [B]."""
+        logits = self.mlp(latent.flatten(2).transpose(1, 2))  # [B, h*w, sum(classes)]
+        cells, total = logits.shape[1], latent.new_zeros(())
+        for part, target in zip(logits.split(self.classes, dim=-1), labels):
+            if (target >= 0).any():
+                total = total + F.cross_entropy(part.flatten(0, 1), target.repeat_interleave(cells), ignore_index=-100)
+        return total / len(self.classes)
+
+
 def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-             dtype: torch.dtype | None = None, max_seconds: float | None = None, **config: Any) -> VQTokenizer:
+             dtype: torch.dtype | None = None, max_seconds: float | None = None,
+             labels: Sequence[tuple[int, torch.Tensor]] = (), semantic_weight: float = 0.0,
+             **config: Any) -> VQTokenizer:
     """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
-    horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`."""
+    horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`.
+
+    A semantic tokenizer (VILA-U's idea at our scale): with `labels` (per head of the corpus,
+    its number of classes and each image's class, -100 where unknown: what the stitched vision
+    tower is pretrained on) and `semantic_weight` > 0, every code must also tell its image's
+    classes (a small MLP from the quantised vector, trained with the VQ and then dropped), so
+    the codes the LM reads carry what the whole image shows (use `context_layers` > 0)."""
+    if semantic_weight < 0 or (semantic_weight > 0) != bool(labels):
+        raise ValueError(f"semantic_weight={semantic_weight} must be > 0 exactly when labels are given "
+                         f"({len(labels)} heads)")
     torch.manual_seed(seed)
     model = VQTokenizer(image_size=images.shape[-1], **config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    head = _SemanticHead(len(model.config["levels"]), [n for n, _ in labels]) if labels else None
+    targets = [t.long() for _, t in labels]
+    params = list(model.parameters()) + (list(head.parameters()) if head else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -179,12 +238,16 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for i in range(0, len(images), batch_size):
-            batch = images[order[i : i + batch_size]]
+            index = order[i : i + batch_size]
+            batch = images[index]
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
             with cpu_autocast(dtype):
-                recon, _ = model(batch)
+                latent, _ = model.quantizer(model.enc(batch).float())
+                recon = model.dec(latent)
             loss = F.mse_loss(recon.float(), batch)
+            if head is not None:
+                loss = loss + semantic_weight * head.loss(latent.float(), [t[index] for t in targets])
             loss.backward()
             opt.step()
             sched.step()
