@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
             "user_image_weight": 0.0,  # loss weight of the codes of images in user turns (0: not targets)
             "reply_image_weight": 1.0,  # loss weight of the image tokens of replies (drawings) against text's 1
             "code_init_share": 0.0,  # grown LM: share of a code row's variance along its codebook vector (extend.py)
+            "code_word_share": 0.0,  # grown LM: share of the way a code row moves to the words it stands for (extend.py)
             "cfg_dropout": 0.0,  # drawings: rate at which training drops the prompt (classifier-free guidance)
             "qk_norm": True,  # false: the LM's q_norm/k_norm become identities (ablation)
             "z_loss": 0.0,  # coefficient of mean(logsumexp(logits)^2) at supervised positions

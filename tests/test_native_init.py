@@ -145,3 +145,62 @@ def test_bad_native_weights_are_recipe_errors(experts, untrained_vq, tmp_path, k
         assemble_native({"kind": "native", "native": {"vq": str(untrained_vq), "init_from": str(lm_dir),
                                                       "qk_norm": False, key: value}, "llm": {}},
                         VQTokenizer.from_pretrained(untrained_vq))
+
+
+def test_code_rows_can_start_at_the_words_they_stand_for(experts, untrained_vq, tmp_path):
+    """`model.native.code_word_share`: a code row moves that share of the way to the weighted mean
+    of its words' rows (`VQTokenizer.code_words`); codes with no words keep their drawn rows."""
+    lm_dir = text_lm(experts, tmp_path / "lm", tied=False)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    vq = VQTokenizer.from_pretrained(untrained_vq)
+    weights = torch.zeros(vq.codebook_size, 3)
+    weights[0, 0] = 1.0                      # code 0: "red"
+    weights[1] = torch.tensor([0.25, 0.25, 0.5])  # code 1: a mix
+    vq.code_words = {"words": ["red", "blue", "circle"], "weights": weights.tolist()}
+    vq.save_pretrained(tmp_path / "vq")
+    vq = VQTokenizer.from_pretrained(tmp_path / "vq")  # code_words.json travels with the VQ
+    assert vq.code_words["words"] == ["red", "blue", "circle"]
+
+    def grown(share: float):
+        return assemble_native({"kind": "native", "native": {"vq": str(tmp_path / "vq"), "init_from": str(lm_dir),
+                                                             "qk_norm": False, "code_word_share": share},
+                                "llm": {}}, vq)
+
+    plain, half = grown(0.0), grown(0.5)
+    codes = plain.code_ids.nonzero().flatten()
+    for a, b in ((plain.llm.get_input_embeddings().weight, half.llm.get_input_embeddings().weight),
+                 (plain.llm.get_output_embeddings().weight, half.llm.get_output_embeddings().weight)):
+        word = torch.stack([a[tok(w, add_special_tokens=False)["input_ids"]].mean(0) for w in ("red", "blue", "circle")])
+        assert torch.allclose(b[codes[0]], 0.5 * a[codes[0]] + 0.5 * word[0], atol=1e-6)
+        assert torch.allclose(b[codes[1]], 0.5 * a[codes[1]] + 0.5 * (0.25 * word[0] + 0.25 * word[1] + 0.5 * word[2]),
+                              atol=1e-6)
+        assert torch.equal(b[codes[2:]], a[codes[2:]]) and torch.equal(b[: codes[0]], a[: codes[0]])
+    with pytest.raises(RecipeError, match=r"code_word_share=2\.0 must lie in \[0, 1\]"):
+        grown(2.0)
+    vq.code_words = None
+    with pytest.raises(RecipeError, match=r"code_word_share=0\.5 needs the VQ's code_words\.json"):
+        grown(0.5)
+
+
+def test_code_word_weights_count_the_classes_each_code_occurs_with(untrained_vq):
+    from seechat.models.native.vq import code_word_weights
+
+    vq = VQTokenizer.from_pretrained(untrained_vq)
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, 16, 16) * 2 - 1
+    color = torch.tensor([0, 1, 0, 1, 0, 1, -100, 0, 1, 0, 1, 0])
+    shape = torch.tensor([2, 0, 1, 2, 0, 1, 2, 0, 1, -100, -100, -100])
+    out = code_word_weights(vq, images, [(("red", "blue"), color), (("a", "b", "c"), shape)], batch_size=5)
+    assert out["words"] == ["red", "blue", "a", "b", "c"]
+    weights, codes = torch.tensor(out["weights"]), vq.encode(images)
+    for code in codes.unique().tolist():
+        expected = []
+        for target, n in ((color, 2), (shape, 3)):
+            hits = torch.tensor([(codes[i] == code).sum().item() if target[i] >= 0 else 0 for i in range(12)]).float()
+            per = torch.zeros(n).index_add_(0, target.clamp_min(0), hits)
+            expected.append(per / per.sum() if per.sum() else per)
+        seen = sum(bool(e.sum()) for e in expected)
+        assert torch.allclose(weights[code], torch.cat(expected) / max(seen, 1), atol=1e-4)
+    unseen = torch.ones(vq.codebook_size, dtype=torch.bool)
+    unseen[codes.unique()] = False
+    assert weights[unseen].abs().sum() == 0

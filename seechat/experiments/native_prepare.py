@@ -33,8 +33,8 @@ import torch
 
 from seechat.experiments.easyvqa.experts import qa_pairs, image_attributes
 from seechat.precision import autocast_dtype
-from seechat.models.native.vq import load_pixels, train_vq, vq_metrics
-from seechat.tools.experts.corpus import build_corpus
+from seechat.models.native.vq import code_word_weights, load_pixels, train_vq, vq_metrics
+from seechat.tools.experts.corpus import Corpus, build_corpus
 
 DRAW_PROMPT = "draw a {color} {shape}"
 
@@ -50,6 +50,22 @@ def caption_samples(samples: Sequence[dict]) -> list[dict]:
             out.append({"id": f"draw-{image}", "image": image, "conversations": [
                 {"from": "human", "value": DRAW_PROMPT.format(**known)},
                 {"from": "gpt", "value": "<image>"}]})
+    return out
+
+
+def attribute_labels(corpus: Corpus, images: Sequence[str]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """Per attribute, its answers and each image's class among them (-100: unknown): the corpus'
+    describing questions merged by answer set ("what color is the shape?" and "which color is
+    the shape?" are one attribute; easy-VQA: 19 phrasings, 2 attributes)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for question, answers in corpus.heads.items():
+        groups.setdefault(tuple(sorted(answers)), []).append(question)
+    out = []
+    for answers, questions in groups.items():
+        index = {a: k for k, a in enumerate(answers)}
+        known = [next((corpus.labels.get(i, {})[q] for q in questions if q in corpus.labels.get(i, {})), None)
+                 for i in images]
+        out.append((answers, torch.tensor([index[a] if a is not None else -100 for a in known])))
     return out
 
 
@@ -105,12 +121,15 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
         images = sorted({s["image"] for s in samples})
         size = (vq_config or {}).get("image_size", 64)
         config = {k: v for k, v in (vq_config or {}).items() if k != "image_size"}
-        if config.get("semantic_weight"):  # the vision tower's own targets: the corpus' describing answers
-            config["labels"] = [(len(c), torch.tensor(t)) for c, t in build_corpus(samples).targets(images)]
+        attributes = attribute_labels(build_corpus(samples), images)  # the vision tower's own targets
+        if config.get("semantic_weight"):
+            config["labels"] = [(len(answers), target) for answers, target in attributes]
+        pixels = load_pixels([data / p for p in images], size)
         start = time.time()
-        vq = train_vq(load_pixels([data / p for p in images], size), epochs=vq_epochs, seed=seed,
-                      dtype=autocast_dtype(mixed_precision), max_seconds=vq_max_seconds, **config)
+        vq = train_vq(pixels, epochs=vq_epochs, seed=seed, dtype=autocast_dtype(mixed_precision),
+                      max_seconds=vq_max_seconds, **config)
         vq_seconds = time.time() - start
+        vq.code_words = code_word_weights(vq, pixels, attributes)  # for model.native.code_word_share
         test = sorted({r["image"] for r in json.loads((data / "test.json").read_text())})[:heldout_images]
         metrics = {**vq_metrics(vq, load_pixels([data / p for p in test], size)),
                    "train_images": len(images), "train_seconds": vq_seconds, "heldout": "test images",

@@ -14,6 +14,13 @@ embedding). The draw is seeded, so a recipe builds the same model every time.
 `model.native.code_init_share` (0 by default) gives the code rows the codebook's geometry: that
 share of each row's variance lies along a random linear map of the code's standardised quantised
 vector (`VQTokenizer.code_vectors`), so neighbouring codes start as neighbours.
+
+`model.native.code_word_share` (0 by default) starts each code where the words it stands for
+are: `native_prepare` counts, over the training images, how often each code occurs in an image
+of each color and shape (`VQTokenizer.code_words`: the corpus' describing answers, what the
+stitched vision tower is pretrained on), and the code row moves that share of the way to the
+weighted mean of those words' rows. The stitched paths' align stage learns the same map (tower
+features onto caption words); here it is counted, not learned.
 """
 from __future__ import annotations
 
@@ -67,10 +74,13 @@ def statistical_rows(weight: torch.Tensor, n: int, generator: torch.Generator,
 
 @torch.no_grad()
 def extend_vocabulary(llm: PreTrainedModel, keep: int, vocab_size: int, seed: int = 0,
-                      code_features: torch.Tensor | None = None, share: float = 0.0) -> None:
+                      code_features: torch.Tensor | None = None, share: float = 0.0,
+                      code_words: tuple[list[list[int]], torch.Tensor] | None = None, word_share: float = 0.0) -> None:
     """Keep the first `keep` rows of the embedding (and untied head), grow both to `vocab_size`
     and fill the new rows from the kept rows' statistics (module docstring); the last rows are the
-    codes (vocab.CodeVocab), shaped by `code_features` at `share`. In place."""
+    codes (vocab.CodeVocab), shaped by `code_features` at `share`. With `code_words` (each word's
+    token ids, and a [codes, words] weight matrix: `VQTokenizer.code_words`) each code row moves
+    `word_share` of the way to the weighted mean of its words' rows (codes with no weight stay). In place."""
     if not 0 < keep <= vocab_size:
         raise ValueError(f"extend_vocabulary: keep={keep} must lie in (0, vocab_size={vocab_size}]")
     llm.resize_token_embeddings(keep, mean_resizing=False)  # drops padding rows and seechat's tokens
@@ -80,5 +90,12 @@ def extend_vocabulary(llm: PreTrainedModel, keep: int, vocab_size: int, seed: in
     tied = head is None or head.weight is embedding
     for weight in (embedding,) if tied else (embedding, head.weight):
         weight[keep:] = statistical_rows(weight[:keep], vocab_size - keep, generator, code_features, share)
+        if code_words is not None and word_share > 0:
+            word_ids, weights = code_words
+            words = torch.stack([weight[ids].mean(0) for ids in word_ids])  # [words, D]
+            target = weights.to(weight.dtype) @ words  # [codes, D]
+            known = weights.sum(1) > 0
+            codes = weight[vocab_size - len(weights):]
+            codes[known] = (1 - word_share) * codes[known] + word_share * target[known]
     if not tied and getattr(head, "bias", None) is not None:
         head.bias[keep:] = head.bias[:keep].mean()

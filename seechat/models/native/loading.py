@@ -27,7 +27,7 @@ def load_native(root: Path, meta: dict[str, Any], trainable: bool = False, modes
     build_cfg = copy.deepcopy(cfg)
     build_cfg["llm"].update(tokenizer=str(root / stored["tokenizer"]), name_or_path=str(root / stored["llm"]),
                             config=None)
-    build_cfg["native"].update(init_from=None, code_init_share=0.0)  # the saved LM already holds the codes' rows
+    build_cfg["native"].update(init_from=None, code_init_share=0.0, code_word_share=0.0)  # the saved LM already holds the codes' rows
     model = assemble_native(build_cfg, VQTokenizer.from_pretrained(root / stored["vq"]))
     model.config = cfg  # the original references, not this directory's paths
     apply_modes(model, modes)

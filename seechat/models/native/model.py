@@ -241,8 +241,13 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
     cfg = copy.deepcopy(model_cfg)
     native = cfg["native"]
     share = float(native.get("code_init_share") or 0.0)
-    if not 0 <= share <= 1:
-        raise RecipeError(f"model.native.code_init_share={share} must lie in [0, 1] (0: plain statistical rows)")
+    word_share = float(native.get("code_word_share") or 0.0)
+    for key, value in (("code_init_share", share), ("code_word_share", word_share)):
+        if not 0 <= value <= 1:
+            raise RecipeError(f"model.native.{key}={value} must lie in [0, 1] (0: plain statistical rows)")
+    if word_share and vq.code_words is None:
+        raise RecipeError(f"model.native.code_word_share={word_share} needs the VQ's code_words.json "
+                          f"(written by `python -m seechat.experiments.native_prepare`); set it to 0 for this VQ")
     llm_cfg = {**cfg["llm"], "image_boundary_tokens": True}
     cfg["llm"]["image_boundary_tokens"] = True
     if native.get("init_from"):
@@ -257,15 +262,21 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
         llm_cfg["config"] = {**llm_cfg["config"], "vocab_size": vocab.vocab_size}
     llm = load_llm(llm_cfg, tokenizer)
     grows = llm.get_input_embeddings().weight.shape[0] != vocab.vocab_size  # a text LM: add code rows
-    if share and not grows:
-        raise RecipeError(f"model.native.code_init_share={share} shapes the code rows of a grown text LM; "
-                          "set model.native.init_from to one, or code_init_share: 0 for an LM from scratch")
+    for key, value in (("code_init_share", share), ("code_word_share", word_share)):
+        if value and not grows:
+            raise RecipeError(f"model.native.{key}={value} shapes the code rows of a grown text LM; "
+                              f"set model.native.init_from to one, or {key}: 0 for an LM from scratch")
     if grows:
         # Codes follow the tokenizer's last id; the text rows stay as trained (extend.py).
         keep = trained_rows(llm_cfg["name_or_path"], llm_cfg["tokenizer"] or llm_cfg["name_or_path"],
                             llm_cfg.get("trust_remote_code", False))
         features = vq.code_vectors() if share else None
-        extend_vocabulary(llm, keep, vocab.vocab_size, code_features=features, share=share)
+        words = None
+        if word_share:
+            ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in vq.code_words["words"]]
+            words = (ids, torch.tensor(vq.code_words["weights"]))
+        extend_vocabulary(llm, keep, vocab.vocab_size, code_features=features, share=share,
+                          code_words=words, word_share=word_share)
     configure_llm(llm, native)
     return NativeVLM(cfg, vq, llm, tokenizer)
 

@@ -35,6 +35,7 @@ from seechat.precision import cpu_autocast
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "vq.json", "vq.safetensors"
+WORDS_FILE = "code_words.json"  # optional: what each code co-occurs with (see `code_word_weights`)
 HALF = (0.5, 0.5, 0.5)  # mean and std that map [0, 1] pixels to [-1, 1]
 
 
@@ -87,6 +88,7 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"context_layers={context_layers} must be >= 0")
         self.config = {"image_size": image_size, "channels": channels, "downsample": downsample,
                        "levels": list(levels)}
+        self.code_words: dict[str, Any] | None = None  # {"words": [...], "weights": [codebook][words]}
         if context_layers:  # absent from older configs: they load as before
             self.config["context_layers"] = context_layers
         widths = _widths(channels, downsample)
@@ -167,6 +169,8 @@ class VQTokenizer(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, out / WEIGHTS_FILE)
+        if self.code_words is not None:
+            (out / WORDS_FILE).write_text(json.dumps(self.code_words) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VQTokenizer":
@@ -175,7 +179,31 @@ class VQTokenizer(nn.Module):
             raise FileNotFoundError(f"{root} is not a saved VQ tokenizer: needs {CONFIG_FILE} and {WEIGHTS_FILE}")
         model = cls(**json.loads((root / CONFIG_FILE).read_text()))
         model.load_state_dict(load_file(root / WEIGHTS_FILE))
+        if (root / WORDS_FILE).is_file():
+            model.code_words = json.loads((root / WORDS_FILE).read_text())
         return model.eval()
+
+
+@torch.no_grad()
+def code_word_weights(model: VQTokenizer, images: torch.Tensor, labels: Sequence[tuple[Sequence[str], torch.Tensor]],
+                      batch_size: int = 256) -> dict[str, Any]:
+    """What each code means in words: per attribute (its answers, each image's class or -100), the
+    share of each answer among the images the code occurs in, averaged over the attributes the
+    code was seen with (a code never seen with a known class gets no weight there). Returns
+    `{"words": [answer, ...], "weights": [codebook_size][len(words)]}`, each row summing to 1 or 0."""
+    codes = torch.cat([model.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    parts, words = [], []
+    for answers, target in labels:
+        known = target >= 0
+        counts = torch.zeros(model.codebook_size, len(answers))
+        rows = codes[known]  # [n, num_codes]
+        counts.index_put_((rows.flatten(), target[known].repeat_interleave(rows.shape[1])),
+                          torch.ones(rows.numel()), accumulate=True)
+        parts.append(counts / counts.sum(1, keepdim=True).clamp_min(1))
+        words += list(answers)
+    seen = torch.stack([(p.sum(1) > 0).float() for p in parts], 1).sum(1, keepdim=True).clamp_min(1)
+    weights = torch.cat(parts, 1) / seen
+    return {"words": words, "weights": [[round(v, 4) for v in row] for row in weights.tolist()]}
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
