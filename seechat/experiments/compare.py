@@ -189,7 +189,8 @@ def starts_from(spec: dict, model_cfg: dict) -> str:
     if spec["kind"] == "native":
         if model_cfg["native"].get("init_from"):
             grown = "the text LM, vocabulary grown by the VQ codes"
-            return grown + (", code rows along the codebook" if model_cfg["native"].get("code_init_share") else "")
+            grown += ", code rows along the codebook" if model_cfg["native"].get("code_init_share") else ""
+            return grown + (", code rows toward their words" if model_cfg["native"].get("code_word_share") else "")
         return "nothing: LM from scratch (VQ codes + text)"
     return "vision tower + text LM; adapter from scratch"
 

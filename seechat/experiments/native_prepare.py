@@ -2,8 +2,9 @@
 
 1. a VQ image tokenizer trained on the training images (`<out>/vq`), with its reconstruction
    error and codebook usage on held-out test images (`<out>/vq/metrics.json`); with
-   `semantic_weight` in `vq_config`, its codes also learn the targets the stitched vision tower
-   is pretrained on (the corpus' describing answers: color and shape), see `train_vq`;
+   `semantic_tokens` in `vq_config`, a semantic tokenizer whose first codes learn what the
+   stitched vision tower is pretrained on (the corpus' describing answers: color and shape), and
+   in every case which words each code occurs with (`code_words.json`, for `code_word_share`);
 2. the training conversations plus text -> image samples (`<out>/train_native.json`): for each
    training image whose color and shape the training answers determine (seechat.experiments.easyvqa.experts),
    "draw a <color> <shape>" answered by the image itself, so the model learns to draw
@@ -122,7 +123,7 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
         size = (vq_config or {}).get("image_size", 64)
         config = {k: v for k, v in (vq_config or {}).items() if k != "image_size"}
         attributes = attribute_labels(build_corpus(samples), images)  # the vision tower's own targets
-        if config.get("semantic_weight"):
+        if config.get("semantic_tokens"):
             config["labels"] = [(len(answers), target) for answers, target in attributes]
         pixels = load_pixels([data / p for p in images], size)
         start = time.time()

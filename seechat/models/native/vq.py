@@ -12,6 +12,13 @@ is no codebook to collapse and no commitment loss; training is plain reconstruct
     vq.save_pretrained(dir); VQTokenizer.from_pretrained(dir)   # vq.json + vq.safetensors
 
 Pixels are normalised to [-1, 1] (`transform` does it for PIL images, `to_pil` undoes it).
+
+A *semantic* tokenizer (`semantic_tokens` K > 0; SEED's and LaVIT's idea at our scale) puts K
+more codes before the grid: a small CNN over the whole image, quantised by the same FSQ, trained
+(`train_vq` with `labels`) on what the stitched vision tower is pretrained on - the corpus'
+describing answers, on easy-VQA colour and shape - while the grid codes keep reconstructing. The
+semantic codes have their own id range after the grid's (`codebook_size` doubles), the decoder
+reads only the grid: an image is K + 64 codes, what it shows at the front.
 """
 from __future__ import annotations
 
@@ -54,21 +61,21 @@ def _widths(channels: int, downsample: int) -> list[int]:
     return [channels] + [channels * 2] * (downsample - 1)
 
 
-class _GridContext(nn.Module):
-    """Pre-norm self-attention blocks over the code grid (learned positions): every code sees the
-    whole image, so it can carry what only the whole image shows (a shape), not just its patch."""
+class _SemanticEncoder(nn.Module):
+    """The whole image -> `tokens` latent vectors of `dim` (before the FSQ): four stride-2 convs,
+    global average pooling, one linear map (a classifier's body: it sees the shape, not a patch)."""
 
-    def __init__(self, width: int, cells: int, layers: int, heads: int = 4):
+    def __init__(self, dim: int, tokens: int, widths: Sequence[int] = (32, 64, 64, 128)):
         super().__init__()
-        self.pos = nn.Parameter(torch.zeros(1, cells, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        layers: list[nn.Module] = []
+        for a, b in zip((3, *widths), widths):
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.SiLU()]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], dim * tokens))
+        self.dim, self.tokens = dim, tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.blocks(x.flatten(2).transpose(1, 2) + self.pos)
-        return tokens.transpose(1, 2).reshape(b, c, h, w)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, dim, tokens, 1] (the FSQ's channel-first image layout)."""
+        return self.body(pixels).reshape(-1, self.tokens, self.dim).transpose(1, 2)[..., None]
 
 
 class VQTokenizer(nn.Module):
@@ -76,36 +83,34 @@ class VQTokenizer(nn.Module):
     image becomes a (image_size / 2**downsample)^2 grid of codes. No convolution runs at full
     resolution with more than 3 channels (the first conv strides, the last one upsamples to
     RGB directly): those layers would cost most of the compute for no gain on flat shapes.
-    `context_layers` > 0 adds that many self-attention blocks over the grid before the quantiser
-    and after the decoder's first conv (a semantic tokenizer needs them: see `train_vq`)."""
+    `semantic_tokens` > 0: that many semantic codes before the grid (module docstring)."""
 
     def __init__(self, image_size: int = 64, channels: int = 32, downsample: int = 3,
-                 levels: Sequence[int] = (8, 5, 5, 5), context_layers: int = 0):
+                 levels: Sequence[int] = (8, 5, 5, 5), semantic_tokens: int = 0):
         super().__init__()
         if downsample < 1 or image_size % 2**downsample:
             raise ValueError(f"image_size={image_size} must be divisible by 2**downsample (downsample={downsample} >= 1)")
-        if context_layers < 0:
-            raise ValueError(f"context_layers={context_layers} must be >= 0")
+        if semantic_tokens < 0:
+            raise ValueError(f"semantic_tokens={semantic_tokens} must be >= 0")
         self.config = {"image_size": image_size, "channels": channels, "downsample": downsample,
                        "levels": list(levels)}
+        if semantic_tokens:  # absent from older configs: they load as before
+            self.config["semantic_tokens"] = semantic_tokens
         self.code_words: dict[str, Any] | None = None  # {"words": [...], "weights": [codebook][words]}
-        if context_layers:  # absent from older configs: they load as before
-            self.config["context_layers"] = context_layers
         widths = _widths(channels, downsample)
-        cells = (image_size // 2**downsample) ** 2
-        context = [_GridContext(widths[-1], cells, context_layers)] if context_layers else []
         enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
         for i in range(1, downsample):
             enc += [nn.SiLU(), nn.Conv2d(widths[i - 1], widths[i], 4, stride=2, padding=1)]
-        enc += [_ResBlock(widths[-1]), *context, nn.SiLU(), nn.Conv2d(widths[-1], len(levels), 1)]
+        enc += [_ResBlock(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], len(levels), 1)]
         self.enc = nn.Sequential(*enc)
         self.quantizer = FSQ(levels=list(levels))
-        context = [_GridContext(widths[-1], cells, context_layers)] if context_layers else []
-        dec: list[nn.Module] = [nn.Conv2d(len(levels), widths[-1], 3, padding=1), *context, _ResBlock(widths[-1])]
+        dec: list[nn.Module] = [nn.Conv2d(len(levels), widths[-1], 3, padding=1), _ResBlock(widths[-1])]
         for i in reversed(range(1, downsample)):
             dec += [nn.SiLU(), nn.ConvTranspose2d(widths[i], widths[i - 1], 4, stride=2, padding=1)]
         dec += [nn.SiLU(), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
         self.dec = nn.Sequential(*dec)
+        # made last: the grid's weights start (and, with their own loss, train) as without it
+        self.semantic = _SemanticEncoder(len(levels), semantic_tokens) if semantic_tokens else None
 
     # ------------------------------------------------------------------ what the rest needs
     @property
@@ -118,13 +123,22 @@ class VQTokenizer(nn.Module):
         return side, side
 
     @property
+    def semantic_tokens(self) -> int:
+        return self.config.get("semantic_tokens", 0)
+
+    @property
     def num_codes(self) -> int:
         """Codes per image (the native LM's image tokens, boundary tokens not counted)."""
-        return self.grid[0] * self.grid[1]
+        return self.semantic_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def grid_codebook_size(self) -> int:
+        return math.prod(self.config["levels"])
 
     @property
     def codebook_size(self) -> int:
-        return math.prod(self.config["levels"])
+        """Code ids: the grid's, then (semantic tokenizer) as many again for the semantic codes."""
+        return self.grid_codebook_size * (2 if self.semantic_tokens else 1)
 
     @property
     def transform(self) -> Callable[[Any], torch.Tensor]:
@@ -133,9 +147,13 @@ class VQTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ encode / decode
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction [B, 3, H, W] and codes [B, h, w] (straight-through for training)."""
+        """Reconstruction [B, 3, H, W] and grid codes [B, h, w] (straight-through for training)."""
         quantized, codes = self.quantizer(self.enc(pixels).float())
         return self.dec(quantized), codes
+
+    def semantic_latent(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantic tokenizer: quantised vectors [B, len(levels), K, 1] and codes [B, K, 1]."""
+        return self.quantizer(self.semantic(pixels).float())
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -145,23 +163,30 @@ class VQTokenizer(nn.Module):
                              f"got {tuple(pixels.shape)}")
         with torch.autocast(pixels.device.type, enabled=False):
             _, codes = self.quantizer(self.enc(pixels.float()))
-        return codes.reshape(pixels.shape[0], -1).long()
+            codes = codes.reshape(pixels.shape[0], -1).long()
+            if self.semantic is not None:  # their own id range, in front of the grid
+                _, semantic = self.semantic_latent(pixels.float())
+                codes = torch.cat([semantic.reshape(pixels.shape[0], -1).long() + self.grid_codebook_size, codes], 1)
+        return codes
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, num_codes] -> pixels [B, 3, S, S] in [-1, 1] (clamped)."""
+        """codes [B, num_codes] -> pixels [B, 3, S, S] in [-1, 1] (clamped). The decoder reads the
+        grid; a semantic-range id drawn in a grid slot reads as the grid code of the same vector."""
         if codes.ndim != 2 or codes.shape[1] != self.num_codes:
             raise ValueError(f"VQ tokenizer decodes [B, {self.num_codes}] codes, got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
         h, w = self.grid
+        grid = codes[:, self.semantic_tokens :] % self.grid_codebook_size
         with torch.autocast(codes.device.type, enabled=False):
-            latent = self.quantizer.indices_to_codes(codes.reshape(-1, h, w).int())
+            latent = self.quantizer.indices_to_codes(grid.reshape(-1, h, w).int())
             return self.dec(latent).clamp(-1, 1)
 
     def code_vectors(self) -> torch.Tensor:
-        """[codebook_size, len(levels)]: each code's quantised latent (what the decoder reads)."""
-        return self.quantizer.indices_to_codes(torch.arange(self.codebook_size)).float()
+        """[codebook_size, len(levels)]: each code's quantised latent (the semantic range repeats
+        the grid's vectors)."""
+        return self.quantizer.indices_to_codes(torch.arange(self.codebook_size) % self.grid_codebook_size).float()
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> None:
@@ -219,7 +244,8 @@ def load_pixels(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
 
 
 class _SemanticHead(nn.Module):
-    """Training only: from each code's quantised vector, the image's class under every head."""
+    """Training only: from an image's semantic codes (their quantised vectors), its class under
+    every attribute."""
 
     def __init__(self, dim: int, classes: Sequence[int], hidden: int = 64):
         super().__init__()
@@ -227,34 +253,31 @@ class _SemanticHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, sum(self.classes)))
 
     def loss(self, latent: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mean over heads of the cross-entropy of every grid position against its image's label
-        (-100: unknown, ignored). latent [B, L, h, w]; labels per head [B]."""
-        logits = self.mlp(latent.flatten(2).transpose(1, 2))  # [B, h*w, sum(classes)]
-        cells, total = logits.shape[1], latent.new_zeros(())
+        """Mean over attributes of the cross-entropy against each image's class (-100: unknown,
+        ignored). latent [B, L, K, 1]; labels per attribute [B]."""
+        logits = self.mlp(latent.flatten(1))
+        total = logits.new_zeros(())
         for part, target in zip(logits.split(self.classes, dim=-1), labels):
             if (target >= 0).any():
-                total = total + F.cross_entropy(part.flatten(0, 1), target.repeat_interleave(cells), ignore_index=-100)
+                total = total + F.cross_entropy(part, target, ignore_index=-100)
         return total / len(self.classes)
 
 
 def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
              dtype: torch.dtype | None = None, max_seconds: float | None = None,
-             labels: Sequence[tuple[int, torch.Tensor]] = (), semantic_weight: float = 0.0,
-             **config: Any) -> VQTokenizer:
+             labels: Sequence[tuple[int, torch.Tensor]] = (), **config: Any) -> VQTokenizer:
     """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
     horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`.
-
-    A semantic tokenizer (VILA-U's idea at our scale): with `labels` (per head of the corpus,
-    its number of classes and each image's class, -100 where unknown: what the stitched vision
-    tower is pretrained on) and `semantic_weight` > 0, every code must also tell its image's
-    classes (a small MLP from the quantised vector, trained with the VQ and then dropped), so
-    the codes the LM reads carry what the whole image shows (use `context_layers` > 0)."""
-    if semantic_weight < 0 or (semantic_weight > 0) != bool(labels):
-        raise ValueError(f"semantic_weight={semantic_weight} must be > 0 exactly when labels are given "
-                         f"({len(labels)} heads)")
+    A semantic tokenizer (`semantic_tokens` > 0) needs `labels`: per attribute, its number of
+    classes and each image's class (-100: unknown); its codes learn them through a small MLP
+    (trained here, then dropped) by cross-entropy, the grid by MSE, each branch by its own loss."""
+    if bool(config.get("semantic_tokens")) != bool(labels):
+        raise ValueError(f"semantic_tokens={config.get('semantic_tokens', 0)} needs labels and labels need "
+                         f"semantic_tokens > 0 (got {len(labels)} attributes)")
     torch.manual_seed(seed)
     model = VQTokenizer(image_size=images.shape[-1], **config)
-    head = _SemanticHead(len(model.config["levels"]), [n for n, _ in labels]) if labels else None
+    head = (_SemanticHead(len(model.config["levels"]) * model.semantic_tokens, [n for n, _ in labels])
+            if labels else None)
     targets = [t.long() for _, t in labels]
     params = list(model.parameters()) + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -271,11 +294,11 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
             with cpu_autocast(dtype):
-                latent, _ = model.quantizer(model.enc(batch).float())
-                recon = model.dec(latent)
+                recon, _ = model(batch)
+                semantic = model.semantic_latent(batch)[0] if head is not None else None
             loss = F.mse_loss(recon.float(), batch)
             if head is not None:
-                loss = loss + semantic_weight * head.loss(latent.float(), [t[index] for t in targets])
+                loss = loss + head.loss(semantic.float(), [t[index] for t in targets])
             loss.backward()
             opt.step()
             sched.step()
