@@ -177,6 +177,9 @@ def test_code_rows_can_start_at_the_words_they_stand_for(experts, untrained_vq, 
         assert torch.equal(b[codes[2:]], a[codes[2:]]) and torch.equal(b[: codes[0]], a[: codes[0]])
     with pytest.raises(RecipeError, match=r"code_word_share=2\.0 must lie in \[0, 1\]"):
         grown(2.0)
+    vq.code_words = {"words": ["red"], "weights": [[1.0]] * 3}  # a stale file: not this VQ's codebook
+    with pytest.raises(RecipeError, match=r"code_words\.json does not fit it \(\(3, 1\) weights for 125 codes"):
+        grown(0.5)
     vq.code_words = None
     with pytest.raises(RecipeError, match=r"code_word_share=0\.5 needs the VQ's code_words\.json"):
         grown(0.5)

@@ -274,7 +274,12 @@ def assemble_native(model_cfg: dict[str, Any], vq: VQTokenizer) -> NativeVLM:
         words = None
         if word_share:
             ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in vq.code_words["words"]]
-            words = (ids, torch.tensor(vq.code_words["weights"]))
+            weights = torch.tensor(vq.code_words["weights"])
+            if weights.shape != (vq.codebook_size, len(ids)) or not all(ids):
+                raise RecipeError(f"model.native.code_word_share: the VQ's code_words.json does not fit it "
+                                  f"({tuple(weights.shape)} weights for {vq.codebook_size} codes and {len(ids)} "
+                                  f"words, each with token ids); remake it with native_prepare or set 0")
+            words = (ids, weights)
         extend_vocabulary(llm, keep, vocab.vocab_size, code_features=features, share=share,
                           code_words=words, word_share=word_share)
     configure_llm(llm, native)
