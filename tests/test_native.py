@@ -71,6 +71,9 @@ def test_vq_round_trip_beats_mean_image(vq_dir):
         vq.encode(torch.zeros(1, 3, 8, 8))
 
 
+SHAPES = ("ellipse", "rectangle")
+
+
 def _shape_of(indices) -> torch.Tensor:
     return torch.tensor([(i // 3) % 2 for i in indices])  # shape_image: ellipse 0, rectangle 1
 
@@ -78,7 +81,7 @@ def _shape_of(indices) -> torch.Tensor:
 def test_semantic_vq_puts_the_image_class_in_front_of_the_grid(vq_dir):
     train, heldout = range(256), range(1000, 1128)
     vq = train_vq(pixels(train), epochs=8, batch_size=8, lr=3e-3, channels=32, downsample=2, levels=(5, 5, 5),
-                  semantic_tokens=2, labels=[(2, _shape_of(train))])
+                  semantic_tokens=2, labels=[(SHAPES, _shape_of(train))])
     assert vq.num_codes == 2 + 16 and vq.grid_codebook_size == 125 and vq.codebook_size == 250
     codes = vq.encode(pixels(heldout))
     assert codes.shape == (128, 18)
@@ -103,7 +106,7 @@ def test_semantic_vq_puts_the_image_class_in_front_of_the_grid(vq_dir):
 
 def test_semantic_vq_round_trip(tmp_path):
     vq = train_vq(pixels(range(16)), epochs=1, batch_size=8, channels=8, downsample=2, levels=(5, 5, 5),
-                  semantic_tokens=1, labels=[(2, _shape_of(range(16)))])
+                  semantic_tokens=1, labels=[(SHAPES, _shape_of(range(16)))])
     vq.save_pretrained(tmp_path)
     again = VQTokenizer.from_pretrained(tmp_path)
     assert again.config["semantic_tokens"] == 1 and torch.equal(again.encode(pixels(range(4))), vq.encode(pixels(range(4))))

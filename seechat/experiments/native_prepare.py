@@ -124,7 +124,7 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
         config = {k: v for k, v in (vq_config or {}).items() if k != "image_size"}
         attributes = attribute_labels(build_corpus(samples), images)  # the vision tower's own targets
         if config.get("semantic_tokens"):
-            config["labels"] = [(len(answers), target) for answers, target in attributes]
+            config["labels"] = attributes
         pixels = load_pixels([data / p for p in images], size)
         start = time.time()
         vq = train_vq(pixels, epochs=vq_epochs, seed=seed, dtype=autocast_dtype(mixed_precision),

@@ -265,18 +265,18 @@ class _SemanticHead(nn.Module):
 
 def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
              dtype: torch.dtype | None = None, max_seconds: float | None = None,
-             labels: Sequence[tuple[int, torch.Tensor]] = (), **config: Any) -> VQTokenizer:
+             labels: Sequence[tuple[Sequence[str], torch.Tensor]] = (), **config: Any) -> VQTokenizer:
     """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
     horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`.
-    A semantic tokenizer (`semantic_tokens` > 0) needs `labels`: per attribute, its number of
-    classes and each image's class (-100: unknown); its codes learn them through a small MLP
+    A semantic tokenizer (`semantic_tokens` > 0) needs `labels`: per attribute, its answers
+    and each image's class among them (-100: unknown; as `code_word_weights`); its codes learn them through a small MLP
     (trained here, then dropped) by cross-entropy, the grid by MSE, each branch by its own loss."""
     if bool(config.get("semantic_tokens")) != bool(labels):
         raise ValueError(f"semantic_tokens={config.get('semantic_tokens', 0)} needs labels and labels need "
                          f"semantic_tokens > 0 (got {len(labels)} attributes)")
     torch.manual_seed(seed)
     model = VQTokenizer(image_size=images.shape[-1], **config)
-    head = (_SemanticHead(len(model.config["levels"]) * model.semantic_tokens, [n for n, _ in labels])
+    head = (_SemanticHead(len(model.config["levels"]) * model.semantic_tokens, [len(a) for a, _ in labels])
             if labels else None)
     targets = [t.long() for _, t in labels]
     params = list(model.parameters()) + (list(head.parameters()) if head else [])
