@@ -17,7 +17,8 @@ from seechat.training.loop import run
 def test_compare_config_defaults_and_errors():
     cfg = load_compare_config(None, ["budget_seconds=30", "paths.native.overrides=[train.lr=1e-3]"])
     assert cfg["budget_seconds"] == 30 and cfg["seeds"] == [0, 1, 2]
-    assert list(cfg["paths"]) == ["mlp", "qformer", "resampler", "native", "native_codebook", "native_scratch"]
+    assert list(cfg["paths"]) == ["mlp", "qformer", "resampler", "native", "native_stats", "native_scratch"]
+    assert cfg["native"]["vq_config"]["semantic_tokens"] == 2
     assert cfg["paths"]["native"]["overrides"] == ["train.lr=1e-3"]
     assert "model.native.init_from=null" in cfg["paths"]["native_scratch"]["overrides"]
     quick = load_compare_config(None, ["eval_samples=5"], quick=True)

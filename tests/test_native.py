@@ -19,6 +19,7 @@ from seechat.inference.evaluate import evaluate_file
 from seechat.models.loss import chunked_head_loss
 from seechat.models.native.vocab import CodeVocab
 from seechat.models.native.vq import HALF, VQTokenizer, train_vq, vq_metrics
+from seechat.models.encoders import HFVisionEncoder
 from seechat.models.encoders.base import clip_style_transform
 from seechat.training.loop import run
 
@@ -78,38 +79,60 @@ def _shape_of(indices) -> torch.Tensor:
     return torch.tensor([(i // 3) % 2 for i in indices])  # shape_image: ellipse 0, rectangle 1
 
 
+def _tower() -> HFVisionEncoder:
+    """A tiny SigLIP-shaped tower for 16-px images (random init: the semantic codes' linear map
+    is what learns)."""
+    return HFVisionEncoder(pretrained=False, arch="siglip", feature_layer=-1, config={
+        "image_size": SIZE, "patch_size": 4, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 2})
+
+
 def test_semantic_vq_puts_the_image_class_in_front_of_the_grid(vq_dir):
     train, heldout = range(256), range(1000, 1128)
+    tower = _tower()
     vq = train_vq(pixels(train), epochs=8, batch_size=8, lr=3e-3, channels=32, downsample=2, levels=(5, 5, 5),
-                  semantic_tokens=2, labels=[(SHAPES, _shape_of(train))])
-    assert vq.num_codes == 2 + 16 and vq.grid_codebook_size == 125 and vq.codebook_size == 250
+                  semantic_tokens=2, labels=[(SHAPES, _shape_of(train))], tower=tower)
+    assert vq.num_codes == 2 + 16 and vq.grid_codebook_size == 125 and vq.codebook_size == 125 * 3
+    # the tower is copied in and stays as it was
+    assert all(torch.equal(a, b) for a, b in zip(vq.semantic.encoder.state_dict().values(), tower.state_dict().values()))
     codes = vq.encode(pixels(heldout))
     assert codes.shape == (128, 18)
-    assert (codes[:, :2] >= 125).all() and (codes[:, :2] < 250).all() and (codes[:, 2:] < 125).all()
-    # The two semantic codes tell the shape (each pair's majority shape on the training images)
+    # each semantic token its own id range after the grid's
+    assert (codes[:, 0] // 125 == 1).all() and (codes[:, 1] // 125 == 2).all() and (codes[:, 2:] < 125).all()
+    # The two semantic codes tell the shape (each pair's majority shape on the training images;
+    # measured 89.8% on the held-out images through this random tower, chance 50%)
     train_codes, votes = vq.encode(pixels(train)), {}
     for pair, shape in zip(map(tuple, train_codes[:, :2].tolist()), _shape_of(train).tolist()):
         votes.setdefault(pair, [0, 0])[shape] += 1
     guess = [max(range(2), key=votes.get(pair, [1, 0]).__getitem__) for pair in map(tuple, codes[:, :2].tolist())]
-    assert (torch.tensor(guess) == _shape_of(heldout)).float().mean() >= 0.95
+    assert (torch.tensor(guess) == _shape_of(heldout)).float().mean() >= 0.85
     # the grid is the plain VQ's (same seed, its own loss): the same codes; the decoder reads only it
     assert torch.equal(codes[:, 2:], VQTokenizer.from_pretrained(vq_dir).encode(pixels(heldout)))
     swapped = codes.clone()
     swapped[:, :2] = 125  # other semantic codes: the same pixels
     swapped[:, 5] += 125  # a semantic-range id in a grid slot reads as the grid code of that vector
     assert torch.equal(vq.decode(swapped), vq.decode(codes))
-    with pytest.raises(ValueError, match=r"semantic_tokens=2 needs labels"):
-        train_vq(pixels(range(8)), epochs=1, semantic_tokens=2)
+    with pytest.raises(ValueError, match=r"semantic_tokens=2 needs labels and a tower.*0 attributes, a tower"):
+        train_vq(pixels(range(8)), epochs=1, semantic_tokens=2, tower=tower)
+    with pytest.raises(ValueError, match=r"semantic_tokens=2 needs labels and a tower.*1 attributes, no tower"):
+        train_vq(pixels(range(8)), epochs=1, semantic_tokens=2, labels=[(SHAPES, _shape_of(range(8)))])
     with pytest.raises(ValueError, match=r"semantic_tokens=-1 must be >= 0"):
         VQTokenizer(image_size=16, downsample=2, semantic_tokens=-1)
+    with pytest.raises(ValueError, match=r"semantic_tokens=3 needs a semantic_encoder"):
+        VQTokenizer(image_size=16, downsample=2, semantic_tokens=3)
+    with pytest.raises(ValueError, match=r"semantic_tokens=1 must be at least the number of attributes \(2\)"):
+        train_vq(pixels(range(8)), epochs=1, semantic_tokens=1, tower=tower,
+                 labels=[(SHAPES, _shape_of(range(8))), (("a", "b"), _shape_of(range(8)))])
 
 
 def test_semantic_vq_round_trip(tmp_path):
+    """The tower travels inside the VQ (vq.json: its architecture, vq.safetensors: its weights)."""
     vq = train_vq(pixels(range(16)), epochs=1, batch_size=8, channels=8, downsample=2, levels=(5, 5, 5),
-                  semantic_tokens=1, labels=[(SHAPES, _shape_of(range(16)))])
+                  semantic_tokens=1, labels=[(SHAPES, _shape_of(range(16)))], tower=_tower())
     vq.save_pretrained(tmp_path)
     again = VQTokenizer.from_pretrained(tmp_path)
-    assert again.config["semantic_tokens"] == 1 and torch.equal(again.encode(pixels(range(4))), vq.encode(pixels(range(4))))
+    assert again.config["semantic_tokens"] == 1 and again.config["semantic_encoder"]["arch"] == "siglip"
+    assert torch.equal(again.encode(pixels(range(4))), vq.encode(pixels(range(4))))
     assert "semantic_tokens" not in VQTokenizer(image_size=16, downsample=2).config  # older configs load as before
 
 

@@ -61,17 +61,19 @@ def test_compare_quick_runs_every_path_and_writes_the_table(experts, tmp_path, c
     easyvqa_like(tmp_path / "data")
     out = tmp_path / "compare"
     assert main(["compare", "--quick", f"experts={kit}", f"data_dir={tmp_path / 'data'}", f"output_dir={out}",
-                 f"results_dir={out}", "native.vq_config={channels: 8, downsample: 2, levels: [5, 5, 5]}",
+                 f"results_dir={out}", "native.vq_config={channels: 8, downsample: 2, levels: [5, 5, 5], semantic_tokens: 2}",
                  "native.vq_config.image_size=16", "generation.reconstructions=4"]) == 0
     results = json.loads((out / "compare.json").read_text())
     rows = results["rows"]
-    assert list(rows) == ["mlp", "qformer", "resampler", "native", "native_codebook", "native_scratch"]
+    assert list(rows) == ["mlp", "qformer", "resampler", "native", "native_stats", "native_scratch"]
     assert [(r["path"], r["seed"]) for r in results["runs"]] == [(p, 0) for p in rows]
     assert all(r["n"] == 16 and r["accuracy"]["values"] == [r["accuracy"]["mean"]] for r in rows.values())
-    assert rows["native"]["starts_from"] == "the text LM, vocabulary grown by the VQ codes"
-    assert rows["native_codebook"]["starts_from"] == rows["native"]["starts_from"] + ", code rows along the codebook"
-    assert rows["native_scratch"]["starts_from"].startswith("nothing: LM from scratch")
-    assert rows["native"]["image_tokens"] == rows["native_scratch"]["image_tokens"] == 4 * 4 + 2
+    grown = "vision tower (2 semantic codes) + text LM, vocabulary grown by the VQ codes"
+    assert rows["native_stats"]["starts_from"] == grown
+    assert rows["native"]["starts_from"] == grown + ", code rows toward their words"
+    assert rows["native_scratch"]["starts_from"] == "vision tower (2 semantic codes); LM from scratch (VQ codes + text)"
+    # 2 semantic codes + the 4x4 grid + <im_start>/<im_end>
+    assert rows["native"]["image_tokens"] == rows["native_scratch"]["image_tokens"] == 2 + 4 * 4 + 2
     # mlp inherits the default's one token per patch (no pixel shuffle, the CLS dropped): 4x4
     assert rows["mlp"]["image_tokens"] == 4 * 4 and rows["qformer"]["image_tokens"] == 16
     # the grown native LM has the text LM's width; the one from scratch the recipe's llm.config
@@ -79,14 +81,14 @@ def test_compare_quick_runs_every_path_and_writes_the_table(experts, tmp_path, c
                       for i in (3, 5))
     assert grown["hidden_size"] == 64 and grown["model_type"] == "qwen2"
     assert scratch["hidden_size"] == 192 and scratch["model_type"] == "qwen3"
-    for name in ("native", "native_codebook", "native_scratch"):
+    for name in ("native", "native_stats", "native_scratch"):
         drawn = rows[name]["drawn"]
         assert set(drawn) == {"color", "shape", "both"} and 0 <= drawn["both"]["mean"] <= 1
         assert len(list((out / "seed0" / name / "drawn").glob("*.png"))) == 24
     assert results["vq_judged"]["reconstructions"]["images"] == 4
     assert results["native_mix"] == {"vqa": 48, "draw": 2 * 24, "image_only": 0}
     table = (out / "compare.md").read_text()
-    assert table in capsys.readouterr().out and "| native_scratch (none (early fusion)) | nothing" in table
+    assert table in capsys.readouterr().out and "| native_scratch (none (early fusion)) | vision tower" in table
     with Image.open(out / "compare.png") as image:
         assert image.size[0] > 300
 
@@ -136,3 +138,25 @@ def test_grouped_questions_keep_every_balanced_draw_and_read_each_image_once_per
     assert pairs == drawn
     families = Counter((yes_no_family(q(0, 0, k[1], k[2])), k[2]) for k in pairs.elements())
     assert families[("color", "yes")] == families[("color", "no")] > 0
+
+
+def test_native_prepare_reads_the_semantic_codes_off_the_given_tower(tmp_path):
+    from seechat.experiments.native_prepare import prepare_native
+    from seechat.models.native.vq import VQTokenizer
+
+    torch.manual_seed(0)
+    CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(tmp_path / "vision")
+    easyvqa_like(tmp_path / "data")
+    config = {"channels": 8, "downsample": 2, "levels": [5, 5, 5], "image_size": 16, "semantic_tokens": 2}
+    out = prepare_native(tmp_path / "data", tmp_path / "out", vq_epochs=1, vq_config=config,
+                         semantic_tower=tmp_path / "vision")
+    vq = VQTokenizer.from_pretrained(out["vq"])
+    assert vq.num_codes == 2 + 4 * 4 and vq.codebook_size == 125 * 3
+    assert vq.config["semantic_encoder"]["backend"] == "hf" and vq.config["semantic_encoder"]["arch"] == "clip"
+    assert out["vq_metrics"]["settings"]["semantic_tower"] == str(tmp_path / "vision")
+    # code_words.json: a weight row per code (colour words, then shape words), each seen row sums to 1
+    words = vq.code_words
+    assert words["words"] == sorted(COLORS) + sorted(SHAPES) and len(words["weights"]) == 375
+    assert all(abs(sum(row) - 1) < 1e-3 or sum(row) == 0 for row in words["weights"])
+    with pytest.raises(ValueError, match=r"semantic_tokens=2 needs semantic_tower: the directory of a pretrained"):
+        prepare_native(tmp_path / "data", tmp_path / "out2", vq_epochs=1, vq_config=config)

@@ -3,6 +3,8 @@ embedding and head row is bit-identical after the extension, the new rows carry 
 the trained ones, and the recipe key resolves against the recipe file."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -202,8 +204,13 @@ def test_code_word_weights_count_the_classes_each_code_occurs_with(untrained_vq)
             hits = torch.tensor([(codes[i] == code).sum().item() if target[i] >= 0 else 0 for i in range(12)]).float()
             per = torch.zeros(n).index_add_(0, target.clamp_min(0), hits)
             expected.append(per / per.sum() if per.sum() else per)
-        seen = sum(bool(e.sum()) for e in expected)
-        assert torch.allclose(weights[code], torch.cat(expected) / max(seen, 1), atol=1e-4)
+        # each attribute weighted by its information gain: log(classes) - entropy of the shares
+        gain = [math.log(len(e)) + sum(p * math.log(p) for p in e.tolist() if p > 0) if e.sum() else 0.0
+                for e in expected]
+        share = ([g / sum(gain) for g in gain] if sum(gain) > 1e-6 else
+                 [float(bool(e.sum())) / max(1, sum(bool(e.sum()) for e in expected)) for e in expected])
+        assert torch.allclose(weights[code], torch.cat([e * w for e, w in zip(expected, share)]), atol=1e-4)
+        assert abs(weights[code].sum().item() - 1) < 1e-3
     unseen = torch.ones(vq.codebook_size, dtype=torch.bool)
     unseen[codes.unique()] = False
     assert weights[unseen].abs().sum() == 0

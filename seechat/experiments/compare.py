@@ -160,7 +160,7 @@ def train_stitched(cfg: dict, name: str, spec: dict, experts: Path, data: Path, 
     return [first, train_for(finetune, budget * (1 - share), cfg["calibration_steps"])]
 
 
-def prepare_native_inputs(cfg: dict, data: Path) -> dict:
+def prepare_native_inputs(cfg: dict, data: Path, experts: Path) -> dict:
     """The VQ tokenizer and the native training file (seechat.experiments.native_prepare), made
     once and shared by every native path and seed, like the stitched paths' experts."""
     from seechat.experiments.native_prepare import prepare_native
@@ -170,7 +170,8 @@ def prepare_native_inputs(cfg: dict, data: Path) -> dict:
                           vq_config=native["vq_config"], seed=cfg["seeds"][0],
                           vq_max_seconds=native.get("vq_max_seconds"), draw_repeats=native.get("draw_repeats", 1),
                           image_only=native.get("image_only", False),
-                          questions_per_sample=native.get("questions_per_sample", 1))
+                          questions_per_sample=native.get("questions_per_sample", 1),
+                          semantic_tower=experts / "vision")  # read only with vq_config.semantic_tokens
 
 
 def train_native(cfg: dict, name: str, spec: dict, experts: Path, data: Path, seed: int, prep: dict) -> list[dict]:
@@ -184,14 +185,17 @@ def train_native(cfg: dict, name: str, spec: dict, experts: Path, data: Path, se
     return [train_for(recipe, cfg["budget_seconds"], cfg["calibration_steps"])]
 
 
-def starts_from(spec: dict, model_cfg: dict) -> str:
-    """What a path's training starts from, for the table."""
+def starts_from(spec: dict, model_cfg: dict, semantic_tokens: int = 0) -> str:
+    """What a path's training starts from, for the table (`semantic_tokens`: the native VQ's,
+    read off the stitched paths' vision tower)."""
     if spec["kind"] == "native":
+        tower = f"vision tower ({semantic_tokens} semantic codes)" if semantic_tokens else ""
         if model_cfg["native"].get("init_from"):
-            grown = "the text LM, vocabulary grown by the VQ codes"
+            grown = f"{tower} + text LM" if tower else "the text LM"
+            grown += ", vocabulary grown by the VQ codes"
             grown += ", code rows along the codebook" if model_cfg["native"].get("code_init_share") else ""
             return grown + (", code rows toward their words" if model_cfg["native"].get("code_word_share") else "")
-        return "nothing: LM from scratch (VQ codes + text)"
+        return (f"{tower}; " if tower else "nothing: ") + "LM from scratch (VQ codes + text)"
     return "vision tower + text LM; adapter from scratch"
 
 
@@ -221,7 +225,7 @@ def _run_row(name: str, spec: dict, seed: int, model: Any, stages: list[dict], r
     adapter = model.config.get("adapter") or {}
     return {
         "path": name, "seed": seed, "kind": spec["kind"], "adapter": adapter.get("type", "none (early fusion)"),
-        "starts_from": starts_from(spec, model.config),
+        "starts_from": starts_from(spec, model.config, getattr(getattr(model, "vq", None), "semantic_tokens", 0)),
         # positions an image takes in the LM's sequence (native: codes + <im_start>/<im_end>)
         "image_tokens": getattr(model, "positions_per_image", model.num_image_tokens),
         "trained_parameters": max(s["trainable_parameters"] for s in stages),
@@ -274,7 +278,7 @@ def main_run(cfg: dict) -> dict[str, Any]:
     data = Path(cfg["data_dir"] or DATA_DIR)
     out = Path(cfg["output_dir"])
     natives = [n for n, s in cfg["paths"].items() if s["kind"] == "native"]
-    prep = prepare_native_inputs(cfg, data) if natives else None
+    prep = prepare_native_inputs(cfg, data, experts) if natives else None
     runs: list[dict] = []
     for seed in cfg["seeds"]:
         finals = {}

@@ -2,8 +2,9 @@
 
 1. a VQ image tokenizer trained on the training images (`<out>/vq`), with its reconstruction
    error and codebook usage on held-out test images (`<out>/vq/metrics.json`); with
-   `semantic_tokens` in `vq_config`, a semantic tokenizer whose first codes learn what the
-   stitched vision tower is pretrained on (the corpus' describing answers: color and shape), and
+   `semantic_tokens` in `vq_config`, a semantic tokenizer whose first codes are read off the
+   stitched paths' pretrained vision tower (`semantic_tower`) and learn what it is pretrained on
+   (the corpus' describing answers: color and shape), and
    in every case which words each code occurs with (`code_words.json`, for `code_word_share`);
 2. the training conversations plus text -> image samples (`<out>/train_native.json`): for each
    training image whose color and shape the training answers determine (seechat.experiments.easyvqa.experts),
@@ -104,15 +105,23 @@ def training_mix(train: list[dict], multiturn: list[dict], draw_repeats: int = 1
 def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 12, vq_config: dict | None = None,
                    heldout_images: int = 500, mixed_precision: str = "auto", seed: int = 0,
                    vq_max_seconds: float | None = None, draw_repeats: int = 1,
-                   image_only: bool = False, questions_per_sample: int = 1) -> dict[str, Any]:
+                   image_only: bool = False, questions_per_sample: int = 1,
+                   semantic_tower: str | Path | None = None) -> dict[str, Any]:
     """Train the VQ tokenizer and write the native training file; returns paths and metrics.
-    Reuses `<out>/vq` when its metrics file says it was made with the same settings."""
+    Reuses `<out>/vq` when its metrics file says it was made with the same settings.
+    `semantic_tower`: the (transformers) vision tower a semantic tokenizer reads, a directory."""
     if questions_per_sample < 1:
         raise ValueError(f"questions_per_sample={questions_per_sample} must be >= 1")
+    semantic = bool((vq_config or {}).get("semantic_tokens"))
+    if semantic and not semantic_tower:
+        raise ValueError(f"vq_config.semantic_tokens={vq_config['semantic_tokens']} needs semantic_tower: "
+                         "the directory of a pretrained vision tower (the stitched paths' encoder)")
     data, out = Path(data_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"vq_epochs": vq_epochs, "vq_config": vq_config or {}, "seed": seed,
                 "vq_max_seconds": vq_max_seconds, "data": str(data)}
+    if semantic:
+        settings["semantic_tower"] = str(semantic_tower)
     metrics_path = out / "vq" / "metrics.json"
     vq_seconds = 0.0
     if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("settings") == settings:
@@ -123,8 +132,11 @@ def prepare_native(data_dir: str | Path, out_dir: str | Path, vq_epochs: int = 1
         size = (vq_config or {}).get("image_size", 64)
         config = {k: v for k, v in (vq_config or {}).items() if k != "image_size"}
         attributes = attribute_labels(build_corpus(samples), images)  # the vision tower's own targets
-        if config.get("semantic_tokens"):
-            config["labels"] = attributes
+        if semantic:
+            from seechat.models.registry import build_encoder
+
+            config.update(labels=attributes, tower=build_encoder({"backend": "hf", "name": str(semantic_tower),
+                                                                  "feature_layer": -1}))
         pixels = load_pixels([data / p for p in images], size)
         start = time.time()
         vq = train_vq(pixels, epochs=vq_epochs, seed=seed, dtype=autocast_dtype(mixed_precision),
@@ -154,11 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vq-epochs", type=int, default=12)
     parser.add_argument("--draw-repeats", type=int, default=1, help="copies of each drawing sample")
     parser.add_argument("--image-only", action="store_true", help="add one image-only sample per training image")
+    parser.add_argument("--semantic-tokens", type=int, default=0,
+                        help="K > 0: K semantic codes per image read off --semantic-tower")
+    parser.add_argument("--semantic-tower", help="a pretrained vision tower's directory (e.g. runs/demo/experts/vision)")
     parser.add_argument("--questions-per-sample", type=int, default=1,
                         help="group the balanced questions by image into conversations of up to N questions")
     args = parser.parse_args(argv)
     result = prepare_native(args.data, args.out, vq_epochs=args.vq_epochs, draw_repeats=args.draw_repeats,
-                            image_only=args.image_only, questions_per_sample=args.questions_per_sample)
+                            image_only=args.image_only, questions_per_sample=args.questions_per_sample,
+                            vq_config={"semantic_tokens": args.semantic_tokens} if args.semantic_tokens else None,
+                            semantic_tower=args.semantic_tower)
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
     return 0
 

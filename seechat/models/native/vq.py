@@ -17,8 +17,11 @@ A *semantic* tokenizer (`semantic_tokens` K > 0; SEED's and LaVIT's idea at our 
 more codes before the grid: a small CNN over the whole image, quantised by the same FSQ, trained
 (`train_vq` with `labels`) on what the stitched vision tower is pretrained on - the corpus'
 describing answers, on easy-VQA colour and shape - while the grid codes keep reconstructing. The
-semantic codes have their own id range after the grid's (`codebook_size` doubles), the decoder
-reads only the grid: an image is K + 64 codes, what it shows at the front.
+semantic codes are read off the stitched paths' pretrained vision tower (frozen, copied into the
+VQ), one linear map to K FSQ vectors; semantic token k stands for attribute k mod A (colour, then
+shape: a caption's words) and has its own id range after the grid's (`codebook_size` is
+(K + 1) times the grid's). The decoder reads only the grid: an image is K + 64 codes, what it
+shows at the front.
 """
 from __future__ import annotations
 
@@ -61,21 +64,38 @@ def _widths(channels: int, downsample: int) -> list[int]:
     return [channels] + [channels * 2] * (downsample - 1)
 
 
-class _SemanticEncoder(nn.Module):
-    """The whole image -> `tokens` latent vectors of `dim` (before the FSQ): four stride-2 convs,
-    global average pooling, one linear map (a classifier's body: it sees the shape, not a patch)."""
+class _TowerSemantic(nn.Module):
+    """A pretrained vision tower (frozen) -> the mean of its features -> `tokens` latent vectors
+    of `dim` (before the FSQ), through one linear map: SEED's tokenizer (a pretrained ViT, then
+    quantised) at our scale. Pixels come in the VQ's [-1, 1] and go to the tower as its own
+    processor would give them (its mean and std, its size)."""
 
-    def __init__(self, dim: int, tokens: int, widths: Sequence[int] = (32, 64, 64, 128)):
+    def __init__(self, encoder: nn.Module, dim: int, tokens: int):
         super().__init__()
-        layers: list[nn.Module] = []
-        for a, b in zip((3, *widths), widths):
-            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.SiLU()]
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], dim * tokens))
+        self.encoder = encoder.requires_grad_(False).eval()
+        config = encoder.transform.config
+        mean, std = (config.get(k) or config.get(k.removeprefix("image_")) or HALF for k in ("image_mean", "image_std"))
+        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        self.proj = nn.Linear(encoder.hidden_size, dim * tokens)
         self.dim, self.tokens = dim, tokens
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, dim, tokens, 1] (the FSQ's channel-first image layout)."""
-        return self.body(pixels).reshape(-1, self.tokens, self.dim).transpose(1, 2)[..., None]
+    def train(self, mode: bool = True) -> "_TowerSemantic":
+        super().train(mode)
+        self.encoder.eval()  # frozen: no dropout, ever
+        return self
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [-1, 1] -> the tower's mean feature [B, hidden] (float32)."""
+        size = self.encoder.image_size
+        if pixels.shape[-1] != size:
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
+        return self.encoder(((pixels + 1) / 2 - self.mean) / self.std).float().mean(1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Tower features [B, hidden] -> [B, dim, tokens, 1] (the FSQ's channel-first image layout)."""
+        return self.proj(features).reshape(-1, self.tokens, self.dim).transpose(1, 2)[..., None]
 
 
 class VQTokenizer(nn.Module):
@@ -83,19 +103,24 @@ class VQTokenizer(nn.Module):
     image becomes a (image_size / 2**downsample)^2 grid of codes. No convolution runs at full
     resolution with more than 3 channels (the first conv strides, the last one upsamples to
     RGB directly): those layers would cost most of the compute for no gain on flat shapes.
-    `semantic_tokens` > 0: that many semantic codes before the grid (module docstring)."""
+    `semantic_tokens` > 0: that many semantic codes before the grid, read off the vision tower
+    `semantic_encoder` describes (its `offline_config()`; module docstring)."""
 
     def __init__(self, image_size: int = 64, channels: int = 32, downsample: int = 3,
-                 levels: Sequence[int] = (8, 5, 5, 5), semantic_tokens: int = 0):
+                 levels: Sequence[int] = (8, 5, 5, 5), semantic_tokens: int = 0,
+                 semantic_encoder: dict[str, Any] | None = None):
         super().__init__()
         if downsample < 1 or image_size % 2**downsample:
             raise ValueError(f"image_size={image_size} must be divisible by 2**downsample (downsample={downsample} >= 1)")
         if semantic_tokens < 0:
             raise ValueError(f"semantic_tokens={semantic_tokens} must be >= 0")
+        if bool(semantic_tokens) != bool(semantic_encoder):
+            raise ValueError(f"semantic_tokens={semantic_tokens} needs a semantic_encoder (a vision tower) "
+                             "and a semantic_encoder needs semantic_tokens > 0")
         self.config = {"image_size": image_size, "channels": channels, "downsample": downsample,
                        "levels": list(levels)}
         if semantic_tokens:  # absent from older configs: they load as before
-            self.config["semantic_tokens"] = semantic_tokens
+            self.config.update(semantic_tokens=semantic_tokens, semantic_encoder=semantic_encoder)
         self.code_words: dict[str, Any] | None = None  # {"words": [...], "weights": [codebook][words]}
         widths = _widths(channels, downsample)
         enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
@@ -110,7 +135,8 @@ class VQTokenizer(nn.Module):
         dec += [nn.SiLU(), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
         self.dec = nn.Sequential(*dec)
         # made last: the grid's weights start (and, with their own loss, train) as without it
-        self.semantic = _SemanticEncoder(len(levels), semantic_tokens) if semantic_tokens else None
+        self.semantic = (_TowerSemantic(_build_encoder(semantic_encoder), len(levels), semantic_tokens)
+                         if semantic_tokens else None)
 
     # ------------------------------------------------------------------ what the rest needs
     @property
@@ -137,8 +163,8 @@ class VQTokenizer(nn.Module):
 
     @property
     def codebook_size(self) -> int:
-        """Code ids: the grid's, then (semantic tokenizer) as many again for the semantic codes."""
-        return self.grid_codebook_size * (2 if self.semantic_tokens else 1)
+        """Code ids: the grid's, then (semantic tokenizer) as many again for each semantic token."""
+        return self.grid_codebook_size * (1 + self.semantic_tokens)
 
     @property
     def transform(self) -> Callable[[Any], torch.Tensor]:
@@ -151,9 +177,10 @@ class VQTokenizer(nn.Module):
         quantized, codes = self.quantizer(self.enc(pixels).float())
         return self.dec(quantized), codes
 
-    def semantic_latent(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Semantic tokenizer: quantised vectors [B, len(levels), K, 1] and codes [B, K, 1]."""
-        return self.quantizer(self.semantic(pixels).float())
+    def semantic_latent(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantic tokenizer, from the tower's features (`semantic.features(pixels)`): quantised
+        vectors [B, len(levels), K, 1] and codes [B, K, 1]."""
+        return self.quantizer(self.semantic(features).float())
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -165,8 +192,9 @@ class VQTokenizer(nn.Module):
             _, codes = self.quantizer(self.enc(pixels.float()))
             codes = codes.reshape(pixels.shape[0], -1).long()
             if self.semantic is not None:  # their own id range, in front of the grid
-                _, semantic = self.semantic_latent(pixels.float())
-                codes = torch.cat([semantic.reshape(pixels.shape[0], -1).long() + self.grid_codebook_size, codes], 1)
+                _, semantic = self.semantic_latent(self.semantic.features(pixels.float()))
+                ranges = torch.arange(1, self.semantic_tokens + 1, device=codes.device) * self.grid_codebook_size
+                codes = torch.cat([semantic.reshape(pixels.shape[0], -1).long() + ranges, codes], 1)
         return codes
 
     @torch.no_grad()
@@ -184,7 +212,7 @@ class VQTokenizer(nn.Module):
             return self.dec(latent).clamp(-1, 1)
 
     def code_vectors(self) -> torch.Tensor:
-        """[codebook_size, len(levels)]: each code's quantised latent (the semantic range repeats
+        """[codebook_size, len(levels)]: each code's quantised latent (each semantic range repeats
         the grid's vectors)."""
         return self.quantizer.indices_to_codes(torch.arange(self.codebook_size) % self.grid_codebook_size).float()
 
@@ -213,8 +241,11 @@ class VQTokenizer(nn.Module):
 def code_word_weights(model: VQTokenizer, images: torch.Tensor, labels: Sequence[tuple[Sequence[str], torch.Tensor]],
                       batch_size: int = 256) -> dict[str, Any]:
     """What each code means in words: per attribute (its answers, each image's class or -100), the
-    share of each answer among the images the code occurs in, averaged over the attributes the
-    code was seen with (a code never seen with a known class gets no weight there). Returns
+    share of each answer among the images the code occurs in; the attributes are weighted by what
+    the code tells about each (its information gain, log(answers) - entropy of the shares: a code
+    that occurs with every shape but one colour stands for the colour), equally where it tells
+    nothing (a code never seen with a known class gets no weight there); a semantic token's codes
+    stand for the attribute the token serves (k mod the attribute count, as `train_vq`). Returns
     `{"words": [answer, ...], "weights": [codebook_size][len(words)]}`, each row summing to 1 or 0."""
     codes = torch.cat([model.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     parts, words = [], []
@@ -226,9 +257,21 @@ def code_word_weights(model: VQTokenizer, images: torch.Tensor, labels: Sequence
                           torch.ones(rows.numel()), accumulate=True)
         parts.append(counts / counts.sum(1, keepdim=True).clamp_min(1))
         words += list(answers)
-    seen = torch.stack([(p.sum(1) > 0).float() for p in parts], 1).sum(1, keepdim=True).clamp_min(1)
-    weights = torch.cat(parts, 1) / seen
+    seen = torch.stack([(p.sum(1) > 0).float() for p in parts], 1)  # [codes, attributes]
+    gain = torch.stack([math.log(p.shape[1]) + (p * p.clamp_min(1e-12).log()).sum(1) for p in parts], 1) * seen
+    share = torch.where(gain.sum(1, keepdim=True) > 1e-6, gain, seen)
+    share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
+    grid = model.grid_codebook_size
+    for k in range(model.semantic_tokens):  # a semantic token stands for its own attribute only
+        share[grid * (k + 1) : grid * (k + 2)] = F.one_hot(torch.tensor(k % len(parts)), len(parts)).float()
+    weights = torch.cat([p * share[:, a : a + 1] for a, p in enumerate(parts)], 1)
     return {"words": words, "weights": [[round(v, 4) for v in row] for row in weights.tolist()]}
+
+
+def _build_encoder(config: dict[str, Any]) -> nn.Module:
+    from seechat.models.registry import build_encoder  # the registry imports every adapter: only when needed
+
+    return build_encoder(config)
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -244,43 +287,54 @@ def load_pixels(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
 
 
 class _SemanticHead(nn.Module):
-    """Training only: from an image's semantic codes (their quantised vectors), its class under
-    every attribute."""
+    """Training only: each attribute's class from its own semantic codes (their quantised
+    vectors): semantic token k serves attribute k mod A, so a code stands for one attribute's
+    value, as a caption word does ("blue", then "circle")."""
 
-    def __init__(self, dim: int, classes: Sequence[int], hidden: int = 64):
+    def __init__(self, dim: int, tokens: int, classes: Sequence[int], hidden: int = 64):
         super().__init__()
-        self.classes = list(classes)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, sum(self.classes)))
+        if tokens < len(classes):
+            raise ValueError(f"semantic_tokens={tokens} must be at least the number of attributes ({len(classes)}): "
+                             "each semantic token serves one attribute")
+        self.attributes = len(classes)
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim * len(range(a, tokens, len(classes))), hidden), nn.SiLU(), nn.Linear(hidden, n))
+            for a, n in enumerate(classes))
 
     def loss(self, latent: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean over attributes of the cross-entropy against each image's class (-100: unknown,
         ignored). latent [B, L, K, 1]; labels per attribute [B]."""
-        logits = self.mlp(latent.flatten(1))
-        total = logits.new_zeros(())
-        for part, target in zip(logits.split(self.classes, dim=-1), labels):
+        total = latent.new_zeros(())
+        for a, (mlp, target) in enumerate(zip(self.mlps, labels)):
             if (target >= 0).any():
-                total = total + F.cross_entropy(part, target, ignore_index=-100)
-        return total / len(self.classes)
+                logits = mlp(latent[:, :, a :: self.attributes].flatten(1))
+                total = total + F.cross_entropy(logits, target, ignore_index=-100)
+        return total / self.attributes
 
 
 def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
              dtype: torch.dtype | None = None, max_seconds: float | None = None,
-             labels: Sequence[tuple[Sequence[str], torch.Tensor]] = (), **config: Any) -> VQTokenizer:
+             labels: Sequence[tuple[Sequence[str], torch.Tensor]] = (), tower: nn.Module | None = None,
+             **config: Any) -> VQTokenizer:
     """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
     horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`.
-    A semantic tokenizer (`semantic_tokens` > 0) needs `labels`: per attribute, its answers
-    and each image's class among them (-100: unknown; as `code_word_weights`); its codes learn them through a small MLP
-    (trained here, then dropped) by cross-entropy, the grid by MSE, each branch by its own loss."""
-    if bool(config.get("semantic_tokens")) != bool(labels):
-        raise ValueError(f"semantic_tokens={config.get('semantic_tokens', 0)} needs labels and labels need "
-                         f"semantic_tokens > 0 (got {len(labels)} attributes)")
+    A semantic tokenizer (`semantic_tokens` > 0) needs a pretrained vision `tower` (a seechat
+    `VisionEncoder`, copied in and frozen) and `labels`: per attribute, its answers and each
+    image's class among them (-100: unknown; as `code_word_weights`). Its linear map and the
+    FSQ learn them first, `epochs` passes over the tower's features through a small MLP (trained
+    here, then dropped) by cross-entropy; then the grid trains as without it."""
+    semantic = config.get("semantic_tokens", 0)
+    if bool(semantic) != bool(labels) or bool(semantic) != (tower is not None):
+        raise ValueError(f"semantic_tokens={semantic} needs labels and a tower, and they need semantic_tokens > 0 "
+                         f"(got {len(labels)} attributes, {'a' if tower is not None else 'no'} tower)")
     torch.manual_seed(seed)
-    model = VQTokenizer(image_size=images.shape[-1], **config)
-    head = (_SemanticHead(len(model.config["levels"]) * model.semantic_tokens, [len(a) for a, _ in labels])
-            if labels else None)
-    targets = [t.long() for _, t in labels]
-    params = list(model.parameters()) + (list(head.parameters()) if head else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model = VQTokenizer(image_size=images.shape[-1], semantic_encoder=tower.offline_config() if semantic else None,
+                        **config)
+    if semantic:
+        model.semantic.encoder.load_state_dict(tower.state_dict())
+        _train_semantic(model, images, labels, epochs, batch_size, lr, seed)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("semantic.")], lr=lr,
+                            weight_decay=0.0)
     steps = epochs * math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -289,16 +343,12 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for i in range(0, len(images), batch_size):
-            index = order[i : i + batch_size]
-            batch = images[index]
+            batch = images[order[i : i + batch_size]]
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
             with cpu_autocast(dtype):
                 recon, _ = model(batch)
-                semantic = model.semantic_latent(batch)[0] if head is not None else None
             loss = F.mse_loss(recon.float(), batch)
-            if head is not None:
-                loss = loss + head.loss(semantic.float(), [t[index] for t in targets])
             loss.backward()
             opt.step()
             sched.step()
@@ -311,6 +361,24 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
             logger.info("vq: stopped at the %.0fs budget after %d/%d steps", max_seconds, step, steps)
             break
     return model.eval()
+
+
+def _train_semantic(model: VQTokenizer, images: torch.Tensor, labels: Sequence[tuple[Sequence[str], torch.Tensor]],
+                    epochs: int, batch_size: int, lr: float, seed: int) -> None:
+    """The semantic codes' linear map, through the FSQ, on the frozen tower's features (computed
+    once): cross-entropy of a small MLP head against each attribute's class."""
+    features = torch.cat([model.semantic.features(images[i : i + 256]) for i in range(0, len(images), 256)])
+    targets = [t.long() for _, t in labels]
+    generator = torch.Generator().manual_seed(seed)
+    head = _SemanticHead(len(model.config["levels"]), model.semantic_tokens, [len(a) for a, _ in labels])
+    opt = torch.optim.AdamW([*model.semantic.proj.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    for epoch in range(epochs):
+        for index in torch.randperm(len(images), generator=generator).split(batch_size):
+            loss = head.loss(model.semantic_latent(features[index])[0], [t[index] for t in targets])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        logger.info("vq semantic epoch %d: cross-entropy %.4f", epoch + 1, loss.item())
 
 
 @torch.no_grad()
