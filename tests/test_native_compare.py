@@ -160,3 +160,12 @@ def test_native_prepare_reads_the_semantic_codes_off_the_given_tower(tmp_path):
     assert all(abs(sum(row) - 1) < 1e-3 or sum(row) == 0 for row in words["weights"])
     with pytest.raises(ValueError, match=r"semantic_tokens=2 needs semantic_tower: the directory of a pretrained"):
         prepare_native(tmp_path / "data", tmp_path / "out2", vq_epochs=1, vq_config=config)
+
+
+def test_native_prepare_cli_names_the_missing_tower(capsys):
+    from seechat.experiments.native_prepare import main as prepare_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--semantic-tokens", "2"])
+    assert exit_info.value.code == 2
+    assert "--semantic-tokens 2 needs --semantic-tower DIR" in capsys.readouterr().err

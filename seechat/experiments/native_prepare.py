@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--questions-per-sample", type=int, default=1,
                         help="group the balanced questions by image into conversations of up to N questions")
     args = parser.parse_args(argv)
+    if args.semantic_tokens and not args.semantic_tower:
+        parser.error(f"--semantic-tokens {args.semantic_tokens} needs --semantic-tower DIR "
+                     "(a pretrained vision tower, e.g. runs/demo/experts/vision)")
     result = prepare_native(args.data, args.out, vq_epochs=args.vq_epochs, draw_repeats=args.draw_repeats,
                             image_only=args.image_only, questions_per_sample=args.questions_per_sample,
                             vq_config={"semantic_tokens": args.semantic_tokens} if args.semantic_tokens else None,

@@ -13,15 +13,13 @@ is no codebook to collapse and no commitment loss; training is plain reconstruct
 
 Pixels are normalised to [-1, 1] (`transform` does it for PIL images, `to_pil` undoes it).
 
-A *semantic* tokenizer (`semantic_tokens` K > 0; SEED's and LaVIT's idea at our scale) puts K
-more codes before the grid: a small CNN over the whole image, quantised by the same FSQ, trained
-(`train_vq` with `labels`) on what the stitched vision tower is pretrained on - the corpus'
-describing answers, on easy-VQA colour and shape - while the grid codes keep reconstructing. The
-semantic codes are read off the stitched paths' pretrained vision tower (frozen, copied into the
-VQ), one linear map to K FSQ vectors; semantic token k stands for attribute k mod A (colour, then
-shape: a caption's words) and has its own id range after the grid's (`codebook_size` is
-(K + 1) times the grid's). The decoder reads only the grid: an image is K + 64 codes, what it
-shows at the front.
+A *semantic* tokenizer (`semantic_tokens` K > 0; SEED's idea at our scale) puts K more codes
+before the grid, read off a pretrained vision tower (the stitched paths'; frozen, copied into
+the VQ): the mean of its features, one linear map to K vectors, the same FSQ, trained (`train_vq`
+with `labels`) on the corpus' describing answers (on easy-VQA colour and shape) while the grid
+codes keep reconstructing. Semantic token k stands for attribute k mod A (colour, then shape: a
+caption's words) and has its own id range after the grid's (`codebook_size` is (K + 1) times the
+grid's). The decoder reads only the grid: an image is K + 64 codes, what it shows at the front.
 """
 from __future__ import annotations
 
@@ -73,7 +71,8 @@ class _TowerSemantic(nn.Module):
     def __init__(self, encoder: nn.Module, dim: int, tokens: int):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
-        config = encoder.transform.config
+        transform = encoder.transform  # transformers' processor config, or open_clip's preprocess config
+        config = getattr(transform, "config", None) or getattr(transform, "preprocess_cfg", {})
         mean, std = (config.get(k) or config.get(k.removeprefix("image_")) or HALF for k in ("image_mean", "image_std"))
         self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
