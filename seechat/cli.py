@@ -369,8 +369,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def _quiet_known_noise() -> None:
     # bitsandbytes logs a warning at import on every CPU-only machine (its optional 4-bit CPU
-    # kernels are missing); QLoRA needs a GPU anyway, and the warning says nothing to act on.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # kernels are missing; with HF_HUB_OFFLINE `kernels` adds that it skips their trust check);
+    # QLoRA needs a GPU anyway, and neither warning says anything to act on.
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,6 +134,11 @@ def test_semantic_vq_round_trip(tmp_path):
     assert again.config["semantic_tokens"] == 1 and again.config["semantic_encoder"]["arch"] == "siglip"
     assert torch.equal(again.encode(pixels(range(4))), vq.encode(pixels(range(4))))
     assert "semantic_tokens" not in VQTokenizer(image_size=16, downsample=2).config  # older configs load as before
+    config = json.loads((tmp_path / "vq.json").read_text())
+    del config["semantic_encoder"]  # as the removed CNN semantic encoder wrote it
+    (tmp_path / "vq.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"made with the removed CNN semantic encoder; remake it"):
+        VQTokenizer.from_pretrained(tmp_path)
 
 
 def test_code_vocab_is_a_bijection():

@@ -7,7 +7,7 @@ prod(levels)-entry codebook. The quantiser is finite scalar quantisation (FSQ, M
 is no codebook to collapse and no commitment loss; training is plain reconstruction MSE.
 
     vq = train_vq(images)                     # [N, 3, H, W] in [-1, 1]
-    codes = vq.encode(pixels)                 # [B, H/8 * W/8] ints in [0, codebook_size)
+    codes = vq.encode(pixels)                 # [B, num_codes] ints in [0, codebook_size)
     pixels = vq.decode(codes)                 # [B, 3, H, W]
     vq.save_pretrained(dir); VQTokenizer.from_pretrained(dir)   # vq.json + vq.safetensors
 
@@ -15,9 +15,9 @@ Pixels are normalised to [-1, 1] (`transform` does it for PIL images, `to_pil` u
 
 A *semantic* tokenizer (`semantic_tokens` K > 0; SEED's idea at our scale) puts K more codes
 before the grid, read off a pretrained vision tower (the stitched paths'; frozen, copied into
-the VQ): the mean of its features, one linear map to K vectors, the same FSQ, trained (`train_vq`
-with `labels`) on the corpus' describing answers (on easy-VQA colour and shape) while the grid
-codes keep reconstructing. Semantic token k stands for attribute k mod A (colour, then shape: a
+the VQ): the mean of its features, one linear map to K vectors, the same FSQ, trained first
+(`train_vq` with `labels`; semantic.py) on the corpus' describing answers (on easy-VQA colour
+and shape), then the grid as without it. Semantic token k stands for attribute k mod A (colour, then shape: a
 caption's words) and has its own id range after the grid's (`codebook_size` is (K + 1) times the
 grid's). The decoder reads only the grid: an image is K + 64 codes, what it shows at the front.
 """
@@ -38,13 +38,13 @@ from torch import nn
 from vector_quantize_pytorch import FSQ
 
 from seechat.models.encoders.base import clip_style_transform
+from seechat.models.native.semantic import HALF, TowerSemantic, build_encoder, train_semantic
 from seechat.precision import cpu_autocast
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "vq.json", "vq.safetensors"
 WORDS_FILE = "code_words.json"  # optional: what each code co-occurs with (see `code_word_weights`)
-HALF = (0.5, 0.5, 0.5)  # mean and std that map [0, 1] pixels to [-1, 1]
 
 
 class _ResBlock(nn.Module):
@@ -60,41 +60,6 @@ class _ResBlock(nn.Module):
 def _widths(channels: int, downsample: int) -> list[int]:
     """Channel width after each stride-2 stage: `channels` at half resolution, twice that below."""
     return [channels] + [channels * 2] * (downsample - 1)
-
-
-class _TowerSemantic(nn.Module):
-    """A pretrained vision tower (frozen) -> the mean of its features -> `tokens` latent vectors
-    of `dim` (before the FSQ), through one linear map: SEED's tokenizer (a pretrained ViT, then
-    quantised) at our scale. Pixels come in the VQ's [-1, 1] and go to the tower as its own
-    processor would give them (its mean and std, its size)."""
-
-    def __init__(self, encoder: nn.Module, dim: int, tokens: int):
-        super().__init__()
-        self.encoder = encoder.requires_grad_(False).eval()
-        transform = encoder.transform  # transformers' processor config, or open_clip's preprocess config
-        config = getattr(transform, "config", None) or getattr(transform, "preprocess_cfg", {})
-        mean, std = (config.get(k) or config.get(k.removeprefix("image_")) or HALF for k in ("image_mean", "image_std"))
-        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
-        self.proj = nn.Linear(encoder.hidden_size, dim * tokens)
-        self.dim, self.tokens = dim, tokens
-
-    def train(self, mode: bool = True) -> "_TowerSemantic":
-        super().train(mode)
-        self.encoder.eval()  # frozen: no dropout, ever
-        return self
-
-    @torch.no_grad()
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] in [-1, 1] -> the tower's mean feature [B, hidden] (float32)."""
-        size = self.encoder.image_size
-        if pixels.shape[-1] != size:
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
-        return self.encoder(((pixels + 1) / 2 - self.mean) / self.std).float().mean(1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Tower features [B, hidden] -> [B, dim, tokens, 1] (the FSQ's channel-first image layout)."""
-        return self.proj(features).reshape(-1, self.tokens, self.dim).transpose(1, 2)[..., None]
 
 
 class VQTokenizer(nn.Module):
@@ -134,7 +99,7 @@ class VQTokenizer(nn.Module):
         dec += [nn.SiLU(), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
         self.dec = nn.Sequential(*dec)
         # made last: the grid's weights start (and, with their own loss, train) as without it
-        self.semantic = (_TowerSemantic(_build_encoder(semantic_encoder), len(levels), semantic_tokens)
+        self.semantic = (TowerSemantic(build_encoder(semantic_encoder), len(levels), semantic_tokens)
                          if semantic_tokens else None)
 
     # ------------------------------------------------------------------ what the rest needs
@@ -229,7 +194,11 @@ class VQTokenizer(nn.Module):
         root = Path(directory)
         if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{root} is not a saved VQ tokenizer: needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        model = cls(**json.loads((root / CONFIG_FILE).read_text()))
+        config = json.loads((root / CONFIG_FILE).read_text())
+        if config.get("semantic_tokens") and not config.get("semantic_encoder"):
+            raise ValueError(f"{root} was made with the removed CNN semantic encoder; remake it with "
+                             "`python -m seechat.experiments.native_prepare --semantic-tower DIR`")
+        model = cls(**config)
         model.load_state_dict(load_file(root / WEIGHTS_FILE))
         if (root / WORDS_FILE).is_file():
             model.code_words = json.loads((root / WORDS_FILE).read_text())
@@ -267,12 +236,6 @@ def code_word_weights(model: VQTokenizer, images: torch.Tensor, labels: Sequence
     return {"words": words, "weights": [[round(v, 4) for v in row] for row in weights.tolist()]}
 
 
-def _build_encoder(config: dict[str, Any]) -> nn.Module:
-    from seechat.models.registry import build_encoder  # the registry imports every adapter: only when needed
-
-    return build_encoder(config)
-
-
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> RGB PIL images."""
     arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -285,38 +248,12 @@ def load_pixels(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
 
 
-class _SemanticHead(nn.Module):
-    """Training only: each attribute's class from its own semantic codes (their quantised
-    vectors): semantic token k serves attribute k mod A, so a code stands for one attribute's
-    value, as a caption word does ("blue", then "circle")."""
-
-    def __init__(self, dim: int, tokens: int, classes: Sequence[int], hidden: int = 64):
-        super().__init__()
-        if tokens < len(classes):
-            raise ValueError(f"semantic_tokens={tokens} must be at least the number of attributes ({len(classes)}): "
-                             "each semantic token serves one attribute")
-        self.attributes = len(classes)
-        self.mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim * len(range(a, tokens, len(classes))), hidden), nn.SiLU(), nn.Linear(hidden, n))
-            for a, n in enumerate(classes))
-
-    def loss(self, latent: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mean over attributes of the cross-entropy against each image's class (-100: unknown,
-        ignored). latent [B, L, K, 1]; labels per attribute [B]."""
-        total = latent.new_zeros(())
-        for a, (mlp, target) in enumerate(zip(self.mlps, labels)):
-            if (target >= 0).any():
-                logits = mlp(latent[:, :, a :: self.attributes].flatten(1))
-                total = total + F.cross_entropy(logits, target, ignore_index=-100)
-        return total / self.attributes
-
-
 def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
              dtype: torch.dtype | None = None, max_seconds: float | None = None,
              labels: Sequence[tuple[Sequence[str], torch.Tensor]] = (), tower: nn.Module | None = None,
              **config: Any) -> VQTokenizer:
     """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
-    horizontal flips. `dtype`: CPU autocast dtype (None: fp32). Stops early at `max_seconds`.
+    horizontal flips. `dtype`: CPU autocast dtype (None: fp32). The grid stops early at `max_seconds`.
     A semantic tokenizer (`semantic_tokens` > 0) needs a pretrained vision `tower` (a seechat
     `VisionEncoder`, copied in and frozen) and `labels`: per attribute, its answers and each
     image's class among them (-100: unknown; as `code_word_weights`). Its linear map and the
@@ -331,7 +268,7 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
                         **config)
     if semantic:
         model.semantic.encoder.load_state_dict(tower.state_dict())
-        _train_semantic(model, images, labels, epochs, batch_size, lr, seed)
+        train_semantic(model, images, labels, epochs, batch_size, lr, seed)
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("semantic.")], lr=lr,
                             weight_decay=0.0)
     steps = epochs * math.ceil(len(images) / batch_size)
@@ -360,24 +297,6 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
             logger.info("vq: stopped at the %.0fs budget after %d/%d steps", max_seconds, step, steps)
             break
     return model.eval()
-
-
-def _train_semantic(model: VQTokenizer, images: torch.Tensor, labels: Sequence[tuple[Sequence[str], torch.Tensor]],
-                    epochs: int, batch_size: int, lr: float, seed: int) -> None:
-    """The semantic codes' linear map, through the FSQ, on the frozen tower's features (computed
-    once): cross-entropy of a small MLP head against each attribute's class."""
-    features = torch.cat([model.semantic.features(images[i : i + 256]) for i in range(0, len(images), 256)])
-    targets = [t.long() for _, t in labels]
-    generator = torch.Generator().manual_seed(seed)
-    head = _SemanticHead(len(model.config["levels"]), model.semantic_tokens, [len(a) for a, _ in labels])
-    opt = torch.optim.AdamW([*model.semantic.proj.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
-    for epoch in range(epochs):
-        for index in torch.randperm(len(images), generator=generator).split(batch_size):
-            loss = head.loss(model.semantic_latent(features[index])[0], [t[index] for t in targets])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        logger.info("vq semantic epoch %d: cross-entropy %.4f", epoch + 1, loss.item())
 
 
 @torch.no_grad()
