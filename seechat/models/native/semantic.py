@@ -85,13 +85,11 @@ class _SemanticHead(nn.Module):
 def train_semantic(model: nn.Module, images: torch.Tensor, labels: Sequence[tuple[Sequence[str], torch.Tensor]],
                    epochs: int, batch_size: int, lr: float, seed: int) -> None:
     """A semantic `VQTokenizer`'s linear map, through the FSQ, on the frozen tower's features (computed
-    once, for the images with at least one known class): cross-entropy of a small MLP head
-    against each attribute's class."""
+    once): cross-entropy of a small MLP head against each attribute's class."""
     head = _SemanticHead(len(model.config["levels"]), model.semantic_tokens, [len(a) for a, _ in labels])
-    known = torch.stack([t >= 0 for _, t in labels]).any(0)
-    if not known.any():
+    if not any(bool((t >= 0).any()) for _, t in labels):
         raise ValueError("the semantic codes need at least one image with a known class (every label is -100)")
-    images, targets = images[known], [t[known].long() for _, t in labels]
+    targets = [t.long() for _, t in labels]
     features = torch.cat([model.semantic.features(images[i : i + 256]) for i in range(0, len(images), 256)])
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([*model.semantic.proj.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
