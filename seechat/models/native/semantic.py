@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
-HALF = (0.5, 0.5, 0.5)  # the VQ's pixel mean and std: [0, 1] -> [-1, 1]
 
 
 class TowerSemantic(nn.Module):
@@ -24,11 +23,9 @@ class TowerSemantic(nn.Module):
     def __init__(self, encoder: nn.Module, dim: int, tokens: int):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
-        transform = encoder.transform  # transformers' processor config, or open_clip's preprocess config
-        config = getattr(transform, "config", None) or getattr(transform, "preprocess_cfg", {})
-        mean, std = (config.get(k) or config.get(k.removeprefix("image_")) or HALF for k in ("image_mean", "image_std"))
-        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        processor = encoder.transform.processor()  # the tower's own pixels, whichever backend
+        self.register_buffer("mean", torch.tensor(processor.image_mean).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(processor.image_std).reshape(1, 3, 1, 1), persistent=False)
         self.proj = nn.Linear(encoder.hidden_size, dim * tokens)
         self.dim, self.tokens = dim, tokens
 

@@ -38,13 +38,14 @@ from torch import nn
 from vector_quantize_pytorch import FSQ
 
 from seechat.models.encoders.base import clip_style_transform
-from seechat.models.native.semantic import HALF, TowerSemantic, build_encoder, train_semantic
+from seechat.models.native.semantic import TowerSemantic, build_encoder, train_semantic
 from seechat.precision import cpu_autocast
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "vq.json", "vq.safetensors"
 WORDS_FILE = "code_words.json"  # optional: what each code co-occurs with (see `code_word_weights`)
+HALF = (0.5, 0.5, 0.5)  # mean and std that map [0, 1] pixels to [-1, 1]
 
 
 class _ResBlock(nn.Module):
