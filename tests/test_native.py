@@ -141,6 +141,35 @@ def test_semantic_vq_round_trip(tmp_path):
         VQTokenizer.from_pretrained(tmp_path)
 
 
+def test_semantic_decoder_reads_the_semantic_codes(tmp_path):
+    from seechat.models.native.vq import _mix_grid
+
+    vq = train_vq(pixels(range(32)), epochs=2, batch_size=8, channels=8, downsample=2, levels=(5, 5, 5),
+                  semantic_tokens=2, labels=[(SHAPES, _shape_of(range(32)))], tower=_tower(), semantic_decoder=True)
+    assert vq.config["semantic_decoder"] is True and vq.dec[0].in_channels == 3 * (1 + 2)
+    x = pixels(range(4))
+    codes = vq.encode(x)
+    with torch.no_grad():  # decode(codes) is the decoder on the encoder's own vectors
+        grid, _ = vq.quantizer(vq.enc(x))
+        semantic, _ = vq.semantic_latent(vq.semantic.features(x))
+        assert torch.allclose(vq.decode(codes), vq.decode_latent(grid, semantic).clamp(-1, 1), atol=1e-6)
+    other = codes.clone()
+    other[:, :2] = torch.tensor([125 + 7, 250 + 99])  # other semantic codes: other pixels, same grid
+    assert not torch.allclose(vq.decode(other), vq.decode(codes))
+    vq.save_pretrained(tmp_path)
+    assert torch.equal(VQTokenizer.from_pretrained(tmp_path).decode(codes), vq.decode(codes))
+    # the training noise: no cell replaced at share 0; at share 1 the replaced cells are the
+    # previous image's, the rest the image's own
+    cells = torch.arange(4.0 * 3 * 4 * 4).reshape(4, 3, 4, 4)
+    assert torch.equal(_mix_grid(cells, 0.0, torch.Generator().manual_seed(0)), cells)
+    mixed = _mix_grid(cells, 1.0, torch.Generator().manual_seed(0))
+    own, previous = mixed == cells, mixed == cells[[3, 0, 1, 2]]
+    assert (own | previous).all() and previous.any() and own.any()
+    assert (own.all(1) | previous.all(1)).all()  # a cell is replaced whole (all its channels)
+    with pytest.raises(ValueError, match=r"semantic_decoder: true needs semantic_tokens > 0"):
+        VQTokenizer(image_size=16, downsample=2, semantic_decoder=True)
+
+
 def test_code_vocab_is_a_bijection():
     vocab = CodeVocab(offset=300, size=125)
     codes = torch.arange(125)
@@ -225,6 +254,24 @@ def trained(experts, vq_dir, native_data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("native_run") / "run"
     summary = run(native_recipe(experts, vq_dir, native_data, out))
     return {"out": out, "summary": summary}
+
+
+def test_native_trains_the_same_on_cached_codes(experts, vq_dir, native_data, tmp_path):
+    """data.feature_cache stores the frozen VQ's codes: same losses as encoding every step."""
+    from seechat.data.feature_cache import FeatureCache
+
+    losses = {}
+    for name, setting in (("plain", "off"), ("cached", str(tmp_path / "cache"))):
+        run(native_recipe(experts, vq_dir, native_data, tmp_path / name, "train.max_steps=6",
+                          f"data.feature_cache={setting}"))
+        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["plain"]) == 6 and losses["cached"] == losses["plain"]
+    [key] = (tmp_path / "cache").iterdir()
+    cache, vq = FeatureCache(tmp_path / "cache", key.name), VQTokenizer.from_pretrained(vq_dir)
+    assert len(cache) == 24  # one row per training image, its 16 codes
+    image = Path(native_data["root"]) / "images" / "5.png"
+    stored = cache.get(cache.key_of(image))
+    assert stored.dtype == torch.int32 and torch.equal(stored.long(), vq.encode(vq.transform(Image.open(image))[None])[0])
 
 
 def test_native_trains_through_the_shared_loop(trained):

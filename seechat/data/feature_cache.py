@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 # Transforms whose output depends on a random draw: features of one image would differ per epoch.
 _RANDOM_TRANSFORMS = ("Random", "ColorJitter", "RandAugment", "AutoAugment", "TrivialAugment",
                       "AugMix", "GaussianBlur", "ElasticTransform")
-_STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+_STORED = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
+           torch.int32: np.int32}  # (int32: a native model's VQ codes)
 _DTYPES = {str(t).removeprefix("torch."): t for t in _STORED}
 
 

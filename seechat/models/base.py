@@ -63,6 +63,11 @@ class SeeChatVLM(nn.Module):
         """PIL image -> the pixel tensor the model's image part reads."""
         raise NotImplementedError
 
+    def cached_encoder(self) -> tuple[nn.Module, str]:
+        """(module, mode): what `data.feature_cache` may store the outputs of, on the transformed
+        pixels (`module.transform`), and whether it trains; `embed` takes them as `image_features`."""
+        return self.encoder, self.modes.get("encoder", "frozen")
+
     @property
     def llm_is_peft(self) -> bool:
         return hasattr(self.llm, "peft_config")

@@ -118,18 +118,14 @@ def feature_cache(recipe: dict, model: SeeChatVLM, dataset: VLMDataset, accelera
     from seechat.precision import autocast_dtype
 
     dcfg = recipe["data"]
-    if "encoder" not in model.parts:  # e.g. early fusion: images enter as VQ codes
-        if dcfg["feature_cache"] != "off":
-            logger.info("data.feature_cache=%s ignored: a %s model has no encoder features",
-                        dcfg["feature_cache"], model.kind)
-        return None
+    encoder, mode = model.cached_encoder()  # stitched: the vision tower; native: the VQ (its codes)
     dtype = autocast_dtype(recipe["train"]["mixed_precision"])
     root = Path(recipe["output_dir"]).parent / ".feature_cache"
-    cache = resolve_feature_cache(dcfg["feature_cache"], model.modes.get("encoder", "frozen"), model.encoder, dtype, root)
+    cache = resolve_feature_cache(dcfg["feature_cache"], mode, encoder, dtype, root)
     if cache is None or dcfg["format"] != "llava":  # (HF datasets: images are not files to hash)
         return None
     if accelerator.is_main_process:
-        cache.fill(image_entries(dataset.samples), model.encoder.to(accelerator.device), dcfg["image_root"],
+        cache.fill(image_entries(dataset.samples), encoder.to(accelerator.device), dcfg["image_root"],
                    batch_size=recipe["train"]["batch_size"], compute_dtype=dtype, on_error=dcfg["on_error"])
     accelerator.wait_for_everyone()
     return cache

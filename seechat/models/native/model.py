@@ -95,12 +95,22 @@ class NativeVLM(SeeChatVLM):
         self.base_llm.save_pretrained(tmp / "llm")
         return {"vq": "vq", "llm": "llm"}
 
+    def cached_encoder(self) -> tuple[nn.Module, str]:
+        """The frozen VQ as the feature cache's encoder: an image's stored "features" are its codes."""
+        return _Codes(self.vq), "frozen"
+
     # ------------------------------------------------------------------ images as ids
     def spliced_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                    num_images: torch.Tensor | None = None, sample_ids: Sequence[str] | None = None) -> torch.Tensor:
-        """`input_ids` with each image's placeholder run replaced by the image's code ids."""
+                    num_images: torch.Tensor | None = None, sample_ids: Sequence[str] | None = None,
+                    codes: torch.Tensor | None = None) -> torch.Tensor:
+        """`input_ids` with each image's placeholder run replaced by the image's code ids (from
+        its pixels, or `codes` [num_images, num_codes] from the feature cache)."""
         is_image = input_ids == self.image_token_id
         n, per_sample = self.num_image_tokens, is_image.sum(dim=1)
+        if codes is not None and codes.shape[1:] != (n,):
+            raise ValueError(f"cached codes of shape {tuple(codes.shape[1:])} per image; this VQ makes ({n},): "
+                             "delete the feature cache")
+        pixel_values = codes if codes is not None else pixel_values
         given = 0 if pixel_values is None else pixel_values.shape[0]
         counts = per_sample // n if num_images is None else torch.as_tensor(num_images, device=input_ids.device)
         bad = ((per_sample != counts * n).nonzero().flatten().tolist() or
@@ -113,13 +123,13 @@ class NativeVLM(SeeChatVLM):
                              "native model's num_image_tokens")
         if given == 0:
             return input_ids
-        codes = self.vocab.to_ids(self.vq.encode(pixel_values)).to(input_ids.device)
-        return input_ids.masked_scatter(is_image, codes.reshape(-1))
+        codes = self.vq.encode(pixel_values) if codes is None else codes.long()
+        return input_ids.masked_scatter(is_image, self.vocab.to_ids(codes).to(input_ids.device).reshape(-1))
 
     def embed(self, input_ids, pixel_values=None, num_images=None, sample_ids=None, image_features=None):
-        if image_features is not None:
-            raise ValueError("the native model reads pixels (VQ codes), not cached encoder features")
-        return self.llm.get_input_embeddings()(self.spliced_ids(input_ids, pixel_values, num_images, sample_ids))
+        """`image_features`: the images' VQ codes (`cached_encoder`) instead of their pixels."""
+        return self.llm.get_input_embeddings()(
+            self.spliced_ids(input_ids, pixel_values, num_images, sample_ids, codes=image_features))
 
     def image_labels(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`labels` with every image of an assistant turn supervised (boundary tokens and codes).
@@ -144,9 +154,7 @@ class NativeVLM(SeeChatVLM):
         Training drops a drawing's prompt at `cfg_dropout`; the codes of images in user turns are
         targets at weight `user_image_weight` (0: they are not, exactly as before), those of
         images in replies (boundaries and codes) at `reply_image_weight` (1: as text tokens)."""
-        if image_features is not None:
-            raise ValueError("the native model reads pixels (VQ codes), not cached encoder features")
-        ids = self.spliced_ids(input_ids, pixel_values, num_images, sample_ids)
+        ids = self.spliced_ids(input_ids, pixel_values, num_images, sample_ids, codes=image_features)
         if labels is None:
             return self.llm(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         targets = self.image_labels(ids, labels)
@@ -203,6 +211,21 @@ class NativeVLM(SeeChatVLM):
         parts = split_reply(self, out[0].tolist())
         return [p if isinstance(p, str) else to_pil(self.vq.decode(torch.tensor([p], device=self.device)))[0]
                 for p in parts]
+
+
+class _Codes(nn.Module):
+    """A frozen VQ seen as an image encoder (what the feature cache stores): pixels -> codes."""
+
+    def __init__(self, vq: VQTokenizer):
+        super().__init__()
+        self.vq = vq
+
+    @property
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        return self.vq.transform
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vq.encode(pixel_values).to(torch.int32)
 
 
 # ---------------------------------------------------------------------- building

@@ -80,9 +80,9 @@ class _SemanticHead(nn.Module):
 
 
 def train_semantic(model: nn.Module, images: torch.Tensor, labels: Sequence[tuple[Sequence[str], torch.Tensor]],
-                   epochs: int, batch_size: int, lr: float, seed: int) -> None:
+                   epochs: int, batch_size: int, lr: float, seed: int) -> torch.Tensor:
     """A semantic `VQTokenizer`'s linear map, through the FSQ, on the frozen tower's features (computed
-    once): cross-entropy of a small MLP head against each attribute's class."""
+    once): cross-entropy of a small MLP head against each attribute's class. Returns the features."""
     head = _SemanticHead(len(model.config["levels"]), model.semantic_tokens, [len(a) for a, _ in labels])
     if not any(bool((t >= 0).any()) for _, t in labels):
         raise ValueError("the semantic codes need at least one image with a known class (every label is -100)")
@@ -98,3 +98,4 @@ def train_semantic(model: nn.Module, images: torch.Tensor, labels: Sequence[tupl
                 opt.step()
                 opt.zero_grad()
         logger.info("vq semantic epoch %d: cross-entropy %.4f", epoch + 1, loss.item())
+    return features

@@ -20,6 +20,10 @@ the VQ): the mean of its features, one linear map to K vectors, the same FSQ, tr
 and shape), then the grid as without it. Semantic token k stands for attribute k mod A (colour, then shape: a
 caption's words) and has its own id range after the grid's (`codebook_size` is (K + 1) times the
 grid's). The decoder reads only the grid: an image is K + 64 codes, what it shows at the front.
+With `semantic_decoder: true` it reads the semantic codes' vectors too (beside every grid cell),
+and trains on grids partly replaced by other images' codes (`train_vq`'s `grid_noise`), so that
+what the codes say (a circle, blue) survives a grid that the native LM draws less coherently than
+an encoder would: SEED decodes its semantic codes alone (a diffusion model); here they guide the grid.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, image_size: int = 64, channels: int = 32, downsample: int = 3,
                  levels: Sequence[int] = (8, 5, 5, 5), semantic_tokens: int = 0,
-                 semantic_encoder: dict[str, Any] | None = None):
+                 semantic_encoder: dict[str, Any] | None = None, semantic_decoder: bool = False):
         super().__init__()
         if downsample < 1 or image_size % 2**downsample:
             raise ValueError(f"image_size={image_size} must be divisible by 2**downsample (downsample={downsample} >= 1)")
@@ -84,8 +88,12 @@ class VQTokenizer(nn.Module):
                              "and a semantic_encoder needs semantic_tokens > 0")
         self.config = {"image_size": image_size, "channels": channels, "downsample": downsample,
                        "levels": list(levels)}
+        if semantic_decoder and not semantic_tokens:
+            raise ValueError("semantic_decoder: true needs semantic_tokens > 0 (the codes it reads)")
         if semantic_tokens:  # absent from older configs: they load as before
             self.config.update(semantic_tokens=semantic_tokens, semantic_encoder=semantic_encoder)
+        if semantic_decoder:
+            self.config["semantic_decoder"] = True
         self.code_words: dict[str, Any] | None = None  # {"words": [...], "weights": [codebook][words]}
         widths = _widths(channels, downsample)
         enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
@@ -94,7 +102,8 @@ class VQTokenizer(nn.Module):
         enc += [_ResBlock(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], len(levels), 1)]
         self.enc = nn.Sequential(*enc)
         self.quantizer = FSQ(levels=list(levels))
-        dec: list[nn.Module] = [nn.Conv2d(len(levels), widths[-1], 3, padding=1), _ResBlock(widths[-1])]
+        reads = len(levels) * (1 + semantic_tokens if semantic_decoder else 1)  # grid (+ semantic) vectors
+        dec: list[nn.Module] = [nn.Conv2d(reads, widths[-1], 3, padding=1), _ResBlock(widths[-1])]
         for i in reversed(range(1, downsample)):
             dec += [nn.SiLU(), nn.ConvTranspose2d(widths[i], widths[i - 1], 4, stride=2, padding=1)]
         dec += [nn.SiLU(), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
@@ -142,6 +151,13 @@ class VQTokenizer(nn.Module):
         quantized, codes = self.quantizer(self.enc(pixels).float())
         return self.dec(quantized), codes
 
+    def decode_latent(self, grid: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
+        """Grid vectors [B, L, h, w] (and, with `semantic_decoder`, the semantic ones [B, L, K, 1])
+        -> pixels [B, 3, H, W]."""
+        if self.config.get("semantic_decoder"):
+            grid = torch.cat([grid, semantic.flatten(1)[:, :, None, None].expand(-1, -1, *grid.shape[-2:])], 1)
+        return self.dec(grid)
+
     def semantic_latent(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Semantic tokenizer, from the tower's features (`semantic.features(pixels)`): quantised
         vectors [B, len(levels), K, 1] and codes [B, K, 1]."""
@@ -172,9 +188,11 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
         h, w = self.grid
         grid = codes[:, self.semantic_tokens :] % self.grid_codebook_size
+        semantic = codes[:, : self.semantic_tokens, None] % self.grid_codebook_size  # [B, K, 1]: as encoded
         with torch.autocast(codes.device.type, enabled=False):
             latent = self.quantizer.indices_to_codes(grid.reshape(-1, h, w).int())
-            return self.dec(latent).clamp(-1, 1)
+            vectors = self.quantizer.indices_to_codes(semantic.int()) if self.semantic_tokens else None
+            return self.decode_latent(latent, vectors).clamp(-1, 1)
 
     def code_vectors(self) -> torch.Tensor:
         """[codebook_size, len(levels)]: each code's quantised latent (each semantic range repeats
@@ -252,14 +270,16 @@ def load_pixels(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
 def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
              dtype: torch.dtype | None = None, max_seconds: float | None = None,
              labels: Sequence[tuple[Sequence[str], torch.Tensor]] = (), tower: nn.Module | None = None,
-             **config: Any) -> VQTokenizer:
+             grid_noise: float = 0.5, **config: Any) -> VQTokenizer:
     """Train a `VQTokenizer(**config)` on `images` ([N, 3, S, S] in [-1, 1]) with MSE; random
     horizontal flips. `dtype`: CPU autocast dtype (None: fp32). The grid stops early at `max_seconds`.
     A semantic tokenizer (`semantic_tokens` > 0) needs a pretrained vision `tower` (a seechat
     `VisionEncoder`, copied in and frozen) and `labels`: per attribute, its answers and each
     image's class among them (-100: unknown; as `code_word_weights`). Its linear map and the
     FSQ learn them first, `epochs` passes over the tower's features through a small MLP (trained
-    here, then dropped) by cross-entropy; then the grid trains as without it."""
+    here, then dropped) by cross-entropy; then the grid trains as without it. A `semantic_decoder`
+    reads the semantic codes as well; a `grid_noise` share of each batch then has a random share of
+    its grid cells replaced by another image's (module docstring)."""
     semantic = config.get("semantic_tokens", 0)
     if bool(semantic) != bool(labels) or bool(semantic) != (tower is not None):
         raise ValueError(f"semantic_tokens={semantic} needs labels and a tower, and they need semantic_tokens > 0 "
@@ -267,9 +287,13 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
     torch.manual_seed(seed)
     model = VQTokenizer(image_size=images.shape[-1], semantic_encoder=tower.offline_config() if semantic else None,
                         **config)
+    semantic_vectors = None
     if semantic:
         model.semantic.encoder.load_state_dict(tower.state_dict())
-        train_semantic(model, images, labels, epochs, batch_size, lr, seed)
+        features = train_semantic(model, images, labels, epochs, batch_size, lr, seed)
+        if model.config.get("semantic_decoder"):  # fixed from here on (flips change neither colour nor shape)
+            with torch.no_grad():
+                semantic_vectors = model.semantic_latent(features)[0]
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("semantic.")], lr=lr,
                             weight_decay=0.0)
     steps = epochs * math.ceil(len(images) / batch_size)
@@ -280,11 +304,16 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for i in range(0, len(images), batch_size):
-            batch = images[order[i : i + batch_size]]
+            index = order[i : i + batch_size]
+            batch = images[index]
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
             with cpu_autocast(dtype):
-                recon, _ = model(batch)
+                if semantic_vectors is None:
+                    recon, _ = model(batch)
+                else:
+                    grid, _ = model.quantizer(model.enc(batch).float())
+                    recon = model.decode_latent(_mix_grid(grid, grid_noise, generator), semantic_vectors[index])
             loss = F.mse_loss(recon.float(), batch)
             loss.backward()
             opt.step()
@@ -298,6 +327,16 @@ def train_vq(images: torch.Tensor, epochs: int = 4, batch_size: int = 64, lr: fl
             logger.info("vq: stopped at the %.0fs budget after %d/%d steps", max_seconds, step, steps)
             break
     return model.eval()
+
+
+def _mix_grid(grid: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """`grid` [B, L, h, w] with, in a `share` of its images, a random fraction (uniform in [0, 1])
+    of the cells taken from another image of the batch (same cell)."""
+    b, _, h, w = grid.shape
+    rate = torch.rand(b, generator=generator) * (torch.rand(b, generator=generator) < share)
+    mixed = torch.rand(b, 1, h, w, generator=generator) < rate[:, None, None, None]
+    other = grid[torch.roll(torch.arange(b), 1)]
+    return torch.where(mixed.to(grid.device), other, grid)
 
 
 @torch.no_grad()
