@@ -153,6 +153,7 @@ def test_semantic_decoder_reads_the_semantic_codes(tmp_path):
         grid, _ = vq.quantizer(vq.enc(x))
         semantic, _ = vq.semantic_latent(vq.semantic.features(x))
         assert torch.allclose(vq.decode(codes), vq.decode_latent(grid, semantic).clamp(-1, 1), atol=1e-6)
+        assert torch.allclose(vq(x)[0].clamp(-1, 1), vq.decode(codes), atol=1e-5)  # forward reads them too
     other = codes.clone()
     other[:, :2] = torch.tensor([125 + 7, 250 + 99])  # other semantic codes: other pixels, same grid
     assert not torch.allclose(vq.decode(other), vq.decode(codes))

@@ -47,7 +47,7 @@ KEYS = {"output_dir", "results_dir", "seeds", "budget_seconds", "align_fraction"
 # `--quick`: every path and every step of the full run, at a size that takes about a minute.
 QUICK = ["seeds=[0]", "budget_seconds=2", "calibration_steps=2", "eval_samples=24", "native.vq_epochs=1",
          "native.vq_max_seconds=5", "generation.per_prompt=1", "generation.reconstructions=8",
-         "overrides=[train.batch_size=8,data.num_workers=0,eval.max_samples=8,eval.batch_size=16]"]
+         "overrides=[train.batch_size=8,data.num_workers=0,eval.max_samples=8,eval.batch_size=16,data.feature_cache=auto]"]
 PATH_KEYS = ("output_dir", "results_dir", "experts", "data_dir")
 
 

@@ -63,10 +63,11 @@ class SeeChatVLM(nn.Module):
         """PIL image -> the pixel tensor the model's image part reads."""
         raise NotImplementedError
 
-    def cached_encoder(self) -> tuple[nn.Module, str]:
+    def cached_encoder(self) -> tuple[nn.Module, str] | None:
         """(module, mode): what `data.feature_cache` may store the outputs of, on the transformed
-        pixels (`module.transform`), and whether it trains; `embed` takes them as `image_features`."""
-        return self.encoder, self.modes.get("encoder", "frozen")
+        pixels (`module.transform`), and whether it trains; `embed` takes them as `image_features`.
+        None: this kind has nothing to cache."""
+        return (self.encoder, self.modes.get("encoder", "frozen")) if "encoder" in self.parts else None
 
     @property
     def llm_is_peft(self) -> bool:

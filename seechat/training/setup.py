@@ -118,7 +118,12 @@ def feature_cache(recipe: dict, model: SeeChatVLM, dataset: VLMDataset, accelera
     from seechat.precision import autocast_dtype
 
     dcfg = recipe["data"]
-    encoder, mode = model.cached_encoder()  # stitched: the vision tower; native: the VQ (its codes)
+    cached = model.cached_encoder()  # stitched: the vision tower; native: the VQ (its codes)
+    if cached is None:
+        if dcfg["feature_cache"] != "off":
+            logger.info("data.feature_cache=%s ignored: a %s model has nothing to cache", dcfg["feature_cache"], model.kind)
+        return None
+    encoder, mode = cached
     dtype = autocast_dtype(recipe["train"]["mixed_precision"])
     root = Path(recipe["output_dir"]).parent / ".feature_cache"
     cache = resolve_feature_cache(dcfg["feature_cache"], mode, encoder, dtype, root)

@@ -149,7 +149,8 @@ class VQTokenizer(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction [B, 3, H, W] and grid codes [B, h, w] (straight-through for training)."""
         quantized, codes = self.quantizer(self.enc(pixels).float())
-        return self.dec(quantized), codes
+        semantic = self.semantic_latent(self.semantic.features(pixels))[0] if self.config.get("semantic_decoder") else None
+        return self.decode_latent(quantized, semantic), codes
 
     def decode_latent(self, grid: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
         """Grid vectors [B, L, h, w] (and, with `semantic_decoder`, the semantic ones [B, L, K, 1])
