@@ -110,8 +110,8 @@ class NativeVLM(SeeChatVLM):
         if codes is not None and codes.shape[1:] != (n,):
             raise ValueError(f"cached codes of shape {tuple(codes.shape[1:])} per image; this VQ makes ({n},): "
                              "delete the feature cache")
-        pixel_values = codes if codes is not None else pixel_values
-        given = 0 if pixel_values is None else pixel_values.shape[0]
+        images = codes if codes is not None else pixel_values
+        given = 0 if images is None else images.shape[0]
         counts = per_sample // n if num_images is None else torch.as_tensor(num_images, device=input_ids.device)
         bad = ((per_sample != counts * n).nonzero().flatten().tolist() or
                ([0] if int(counts.sum()) != given else []))

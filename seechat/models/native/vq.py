@@ -189,10 +189,12 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
         h, w = self.grid
         grid = codes[:, self.semantic_tokens :] % self.grid_codebook_size
-        semantic = codes[:, : self.semantic_tokens, None] % self.grid_codebook_size  # [B, K, 1]: as encoded
         with torch.autocast(codes.device.type, enabled=False):
             latent = self.quantizer.indices_to_codes(grid.reshape(-1, h, w).int())
-            vectors = self.quantizer.indices_to_codes(semantic.int()) if self.semantic_tokens else None
+            vectors = None
+            if self.config.get("semantic_decoder"):  # [B, K, 1]: the semantic codes as encoded
+                semantic = codes[:, : self.semantic_tokens, None] % self.grid_codebook_size
+                vectors = self.quantizer.indices_to_codes(semantic.int())
             return self.decode_latent(latent, vectors).clamp(-1, 1)
 
     def code_vectors(self) -> torch.Tensor:
